@@ -1,0 +1,740 @@
+//! Configuration: the TOML file as written, then a validated, resolved value.
+//!
+//! Two stages, as in ripgrep: [`RawConfig`] mirrors the file exactly (serde,
+//! unknown keys refused, so a typo is an error rather than a silently ignored
+//! setting), and [`Config`] is what the rest of the program uses: every default
+//! applied, every account complete, secrets still unread. `toml` reports the
+//! line, column and key of a syntax or type error; the checks that only make
+//! sense after `[defaults]` is merged (a missing `recipients`, say) name the
+//! account's table and its line themselves.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::secret::Secret;
+
+/// How long a connect, a command or a read may take before the peer is
+/// considered dead. Two minutes is generous for a live IMAP or SMTP server
+/// and short enough that a hung run from a timer is noticed.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The file as written. Every field is optional here so that `[defaults]`
+/// and `[accounts.NAME]` share one shape; [`Config::from_raw`] decides what
+/// is required.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub ledger: Option<PathBuf>,
+    #[serde(default)]
+    pub defaults: RawAccount,
+    #[serde(default)]
+    pub accounts: BTreeMap<String, Spanned<RawAccount>>,
+}
+
+#[derive(Debug, Default, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RawAccount {
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub tls: Option<TlsMode>,
+    pub allow_plaintext: Option<bool>,
+    pub ca_file: Option<PathBuf>,
+    pub tls_pin_sha256: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub password_command: Option<Vec<String>>,
+    pub compress: Option<bool>,
+    pub mailboxes: Option<Vec<String>>,
+    pub deliver: Option<String>,
+    pub ehlo: Option<String>,
+    pub recipients: Option<Vec<String>>,
+    pub sender: Option<String>,
+    pub mark_seen: Option<bool>,
+    pub initial: Option<Initial>,
+    pub add_received: Option<bool>,
+    pub imap_timeout: Option<HumanDuration>,
+    pub deliver_timeout: Option<HumanDuration>,
+    pub max_deferrals: Option<u32>,
+}
+
+/// A duration written the human way ("90s", "5m", "36h", "30d").
+#[derive(Debug, Clone, Copy)]
+pub struct HumanDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(s.trim())
+            .map(HumanDuration)
+            .map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    Implicit,
+    Starttls,
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Initial {
+    Unseen,
+    All,
+    None,
+}
+
+/// Where the password comes from. Read only when the account connects, so
+/// that `imapull run other-account` does not run this account's command.
+#[derive(Debug, Clone)]
+pub enum PasswordSource {
+    Inline(Secret),
+    File(PathBuf),
+    Command(Vec<String>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeliverTarget {
+    Tcp { host: String, port: u16 },
+    Unix(PathBuf),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliverProtocol {
+    Smtp,
+    Lmtp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deliver {
+    pub protocol: DeliverProtocol,
+    pub target: DeliverTarget,
+}
+
+impl fmt::Display for Deliver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = match self.protocol {
+            DeliverProtocol::Smtp => "smtp",
+            DeliverProtocol::Lmtp => "lmtp",
+        };
+        match &self.target {
+            DeliverTarget::Tcp { host, port } if host.contains(':') => {
+                write!(f, "{scheme}://[{host}]:{port}")
+            }
+            DeliverTarget::Tcp { host, port } => write!(f, "{scheme}://{host}:{port}"),
+            DeliverTarget::Unix(p) => write!(f, "{scheme}://{}", p.display()),
+        }
+    }
+}
+
+/// The envelope sender: taken from the message, or fixed by the operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SenderPolicy {
+    Auto,
+    Fixed(String),
+}
+
+/// One account, complete and checked.
+#[derive(Debug, Clone)]
+pub struct Account {
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+    pub tls: TlsMode,
+    pub ca_file: Option<PathBuf>,
+    /// SHA-256 of the server's SubjectPublicKeyInfo, 32 bytes.
+    pub tls_pin_sha256: Option<Vec<u8>>,
+    pub username: String,
+    pub password: PasswordSource,
+    pub compress: bool,
+    pub mailboxes: Vec<String>,
+    pub deliver: Deliver,
+    pub ehlo: String,
+    pub recipients: Vec<String>,
+    pub sender: SenderPolicy,
+    pub mark_seen: bool,
+    pub initial: Initial,
+    pub add_received: bool,
+    pub imap_timeout: Duration,
+    pub deliver_timeout: Duration,
+    /// Consecutive deferrals after which a pass stops early.
+    pub max_deferrals: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub ledger: PathBuf,
+    pub accounts: Vec<Account>,
+}
+
+/// A configuration error, already worded for the operator (file, line, key).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+impl Config {
+    /// Reads, parses and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("{}: cannot read: {e}", path.display())))?;
+        let config = Config::parse(path, &text)?;
+        warn_if_world_readable(path, &text);
+        Ok(config)
+    }
+
+    /// Parses and validates `text`; `path` is only used in messages.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            ConfigError(format!("{}: {}", path.display(), e.to_string().trim_end()))
+        })?;
+        Config::from_raw(path, text, raw)
+    }
+
+    fn from_raw(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigError> {
+        if raw.accounts.is_empty() {
+            return Err(ConfigError(format!(
+                "{}: no [accounts.NAME] table: nothing to pull",
+                path.display()
+            )));
+        }
+        let mut accounts = Vec::new();
+        for (name, spanned) in raw.accounts {
+            let line = line_of(text, spanned.span().start);
+            let here = |key: &str, msg: String| {
+                ConfigError(format!(
+                    "{}: line {line}: accounts.{name}: `{key}`: {msg}",
+                    path.display()
+                ))
+            };
+            let a = merge(&raw.defaults, spanned.into_inner());
+            accounts.push(resolve_account(&name, a, &here)?);
+        }
+        let ledger = match raw.ledger {
+            Some(p) => p,
+            None => default_ledger_path().ok_or_else(|| {
+                ConfigError(format!(
+                    "{}: `ledger` is not set and no default state directory is known \
+                     (set STATE_DIRECTORY, XDG_STATE_HOME or HOME)",
+                    path.display()
+                ))
+            })?,
+        };
+        Ok(Config {
+            path: path.to_path_buf(),
+            ledger,
+            accounts,
+        })
+    }
+
+    pub fn account(&self, name: &str) -> Option<&Account> {
+        self.accounts.iter().find(|a| a.name == name)
+    }
+}
+
+/// Account values win over `[defaults]`, key by key.
+fn merge(d: &RawAccount, a: RawAccount) -> RawAccount {
+    macro_rules! pick {
+        ($($f:ident),*) => { RawAccount { $($f: a.$f.or_else(|| d.$f.clone()),)* } };
+    }
+    pick!(
+        host,
+        port,
+        tls,
+        allow_plaintext,
+        ca_file,
+        tls_pin_sha256,
+        username,
+        password,
+        password_file,
+        password_command,
+        compress,
+        mailboxes,
+        deliver,
+        ehlo,
+        recipients,
+        sender,
+        mark_seen,
+        initial,
+        add_received,
+        imap_timeout,
+        deliver_timeout,
+        max_deferrals
+    )
+}
+
+fn resolve_account(
+    name: &str,
+    a: RawAccount,
+    here: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<Account, ConfigError> {
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        || name.starts_with('.')
+    {
+        return Err(here(
+            "name",
+            "an account name may hold only letters, digits, '-', '_' and '.' \
+             (it names a lock file and a systemd instance)"
+                .into(),
+        ));
+    }
+    let host = a
+        .host
+        .filter(|h| !h.trim().is_empty())
+        .ok_or_else(|| here("host", "missing: the IMAP server's name or address".into()))?;
+    let tls = a.tls.unwrap_or(TlsMode::Implicit);
+    let port = a.port.unwrap_or(match tls {
+        TlsMode::Implicit => 993,
+        _ => 143,
+    });
+    if tls == TlsMode::None && !is_loopback(&host) && !a.allow_plaintext.unwrap_or(false) {
+        return Err(here(
+            "tls",
+            format!(
+                "\"none\" would send the password in clear to {host}; \
+                 it is allowed only for a loopback host or with `allow_plaintext = true`"
+            ),
+        ));
+    }
+    let tls_pin_sha256 = match a.tls_pin_sha256 {
+        None => None,
+        Some(p) => Some(parse_pin(&p).ok_or_else(|| {
+            here(
+                "tls_pin_sha256",
+                "expected the SHA-256 of the server's public key, as 64 hex digits or base64 \
+                 (openssl x509 -pubkey -noout | openssl pkey -pubin -outform der | \
+                 openssl dgst -sha256)"
+                    .into(),
+            )
+        })?),
+    };
+    let username = a
+        .username
+        .ok_or_else(|| here("username", "missing: the IMAP login name".into()))?;
+    let password = match (a.password, a.password_file, a.password_command) {
+        (Some(p), None, None) => PasswordSource::Inline(Secret::new(p)),
+        (None, Some(f), None) => PasswordSource::File(f),
+        (None, None, Some(c)) if !c.is_empty() => PasswordSource::Command(c),
+        (None, None, Some(_)) => {
+            return Err(here("password_command", "must name a program".into()))
+        }
+        (None, None, None) => {
+            return Err(here(
+                "password",
+                "missing: set one of `password`, `password_file`, `password_command`".into(),
+            ))
+        }
+        _ => {
+            return Err(here(
+                "password",
+                "set only one of `password`, `password_file`, `password_command`".into(),
+            ))
+        }
+    };
+    let mailboxes = a.mailboxes.unwrap_or_else(|| vec!["INBOX".to_string()]);
+    if mailboxes.is_empty() {
+        return Err(here("mailboxes", "empty: name at least one mailbox".into()));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for m in &mailboxes {
+        if m.is_empty() || m.contains(['\r', '\n', '\0']) {
+            return Err(here("mailboxes", format!("invalid mailbox name {m:?}")));
+        }
+        if !seen.insert(m) {
+            return Err(here("mailboxes", format!("{m:?} is listed twice")));
+        }
+    }
+    let deliver = parse_deliver(
+        a.deliver
+            .as_deref()
+            .ok_or_else(|| here("deliver", "missing: e.g. \"smtp://127.0.0.1:25\"".into()))?,
+    )
+    .map_err(|e| here("deliver", e))?;
+    let recipients = a.recipients.unwrap_or_default();
+    if recipients.is_empty() {
+        return Err(here(
+            "recipients",
+            "missing: at least one local address to deliver to".into(),
+        ));
+    }
+    for r in &recipients {
+        if !is_plausible_address(r) || r.is_empty() {
+            return Err(here("recipients", format!("{r:?} is not an address")));
+        }
+    }
+    let sender = match a.sender.as_deref() {
+        None | Some("auto") => SenderPolicy::Auto,
+        Some("<>") | Some("") => SenderPolicy::Fixed(String::new()),
+        Some(s) if is_plausible_address(s) => SenderPolicy::Fixed(s.to_string()),
+        Some(s) => {
+            return Err(here(
+                "sender",
+                format!("{s:?} is neither \"auto\", \"<>\" nor an address"),
+            ))
+        }
+    };
+    let ehlo = match a.ehlo {
+        Some(e) if e.is_empty() || e.contains(|c: char| c.is_whitespace() || c.is_control()) => {
+            return Err(here("ehlo", format!("{e:?} is not a host name")))
+        }
+        Some(e) => e,
+        None => local_hostname(),
+    };
+    let max_deferrals = a.max_deferrals.unwrap_or(5);
+    if max_deferrals == 0 {
+        return Err(here("max_deferrals", "must be at least 1".into()));
+    }
+    Ok(Account {
+        name: name.to_string(),
+        host,
+        port,
+        tls,
+        ca_file: a.ca_file,
+        tls_pin_sha256,
+        username,
+        password,
+        compress: a.compress.unwrap_or(true),
+        mailboxes,
+        deliver,
+        ehlo,
+        recipients,
+        sender,
+        mark_seen: a.mark_seen.unwrap_or(true),
+        initial: a.initial.unwrap_or(Initial::Unseen),
+        add_received: a.add_received.unwrap_or(true),
+        imap_timeout: a.imap_timeout.map(|d| d.0).unwrap_or(DEFAULT_TIMEOUT),
+        deliver_timeout: a.deliver_timeout.map(|d| d.0).unwrap_or(DEFAULT_TIMEOUT),
+        max_deferrals,
+    })
+}
+
+/// An address good enough to put in an SMTP envelope: no spaces, controls or
+/// angle brackets, which would let a config value inject SMTP syntax.
+pub fn is_plausible_address(s: &str) -> bool {
+    !s.chars()
+        .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '<' | '>'))
+}
+
+fn parse_deliver(url: &str) -> Result<Deliver, String> {
+    let (scheme, rest) = url.split_once("://").ok_or_else(|| {
+        format!("{url:?}: expected smtp://HOST:PORT, lmtp://HOST:PORT or lmtp:///socket/path")
+    })?;
+    let protocol = match scheme {
+        "smtp" => DeliverProtocol::Smtp,
+        "lmtp" => DeliverProtocol::Lmtp,
+        _ => return Err(format!("{url:?}: scheme must be smtp or lmtp")),
+    };
+    if rest.starts_with('/') {
+        return Ok(Deliver {
+            protocol,
+            target: DeliverTarget::Unix(PathBuf::from(rest)),
+        });
+    }
+    let default_port = match protocol {
+        DeliverProtocol::Smtp => 25,
+        DeliverProtocol::Lmtp => 24,
+    };
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = if let Some(r) = rest.strip_prefix('[') {
+        let (h, after) = r
+            .split_once(']')
+            .ok_or_else(|| format!("{url:?}: unclosed '['"))?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => Some(p),
+            None if after.is_empty() => None,
+            None => return Err(format!("{url:?}: unexpected {after:?} after ']'")),
+        };
+        (h.to_string(), port)
+    } else {
+        match rest.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), Some(p)),
+            None => (rest.to_string(), None),
+        }
+    };
+    if host.is_empty() {
+        return Err(format!("{url:?}: no host"));
+    }
+    let port = match port {
+        None => default_port,
+        Some(p) => p
+            .parse()
+            .map_err(|_| format!("{url:?}: {p:?} is not a port number"))?,
+    };
+    Ok(Deliver {
+        protocol,
+        target: DeliverTarget::Tcp { host, port },
+    })
+}
+
+fn parse_pin(s: &str) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    let s = s.trim();
+    let s = s.strip_prefix("sha256//").unwrap_or(s);
+    let hex: String = s.chars().filter(|c| *c != ':').collect();
+    if hex.len() == 64 && hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        return (0..32)
+            .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok())
+            .collect();
+    }
+    base64::engine::general_purpose::STANDARD
+        .decode(s)
+        .ok()
+        .filter(|b| b.len() == 32)
+}
+
+pub fn is_loopback(host: &str) -> bool {
+    let h = host.trim_start_matches('[').trim_end_matches(']');
+    h.eq_ignore_ascii_case("localhost") || h.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+fn local_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty() && !s.contains(char::is_whitespace))
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+/// `$STATE_DIRECTORY` (systemd), `/var/lib/imapull` as root, else the XDG
+/// state directory.
+fn default_ledger_path() -> Option<PathBuf> {
+    const FILE: &str = "ledger.sqlite3";
+    if let Some(dir) = std::env::var_os("STATE_DIRECTORY") {
+        // systemd may list several directories separated by ':'; the first is ours.
+        let first = dir.to_string_lossy().split(':').next()?.to_string();
+        return Some(PathBuf::from(first).join(FILE));
+    }
+    if is_root() {
+        return Some(PathBuf::from("/var/lib/imapull").join(FILE));
+    }
+    xdg_dir("XDG_STATE_HOME", ".local/state").map(|d| d.join("imapull").join(FILE))
+}
+
+/// `--config`, then `$IMAPULL_CONFIG`, then the system or user location.
+pub fn default_config_path() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("IMAPULL_CONFIG") {
+        return Some(PathBuf::from(p));
+    }
+    if is_root() {
+        return Some(PathBuf::from("/etc/imapull/imapull.toml"));
+    }
+    xdg_dir("XDG_CONFIG_HOME", ".config").map(|d| d.join("imapull").join("imapull.toml"))
+}
+
+fn xdg_dir(var: &str, fallback: &str) -> Option<PathBuf> {
+    match std::env::var_os(var) {
+        Some(v) if !v.is_empty() => Some(PathBuf::from(v)),
+        _ => std::env::var_os("HOME").map(|h| PathBuf::from(h).join(fallback)),
+    }
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn warn_if_world_readable(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let has_password = text.lines().any(|l| {
+        l.trim_start().starts_with("password")
+            && l.contains('=')
+            && !l.trim_start().starts_with("password_")
+    });
+    if !has_password {
+        return;
+    }
+    if let Ok(meta) = std::fs::metadata(path) {
+        if meta.permissions().mode() & 0o004 != 0 {
+            tracing::warn!(
+                "{} contains a password and is readable by every user; \
+                 chmod o-r it, or use password_file / password_command",
+                path.display()
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+[accounts.work]
+host = "imap.example.net"
+username = "me"
+password = "pw"
+deliver = "lmtp:///run/dovecot/lmtp"
+recipients = ["me@example.org"]
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(
+            Path::new("/etc/imapull/imapull.toml"),
+            &format!("ledger = \"/tmp/l\"\n{text}"),
+        )
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse(MIN).unwrap();
+        let a = &c.accounts[0];
+        assert_eq!(a.port, 993);
+        assert_eq!(a.tls, TlsMode::Implicit);
+        assert_eq!(a.mailboxes, vec!["INBOX"]);
+        assert!(a.mark_seen && a.add_received && a.compress);
+        assert_eq!(a.initial, Initial::Unseen);
+        assert_eq!(a.sender, SenderPolicy::Auto);
+        assert_eq!(
+            a.deliver,
+            Deliver {
+                protocol: DeliverProtocol::Lmtp,
+                target: DeliverTarget::Unix("/run/dovecot/lmtp".into())
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let e = parse(&format!("{MIN}hots = \"x\"\n")).unwrap_err().0;
+        assert!(e.contains("/etc/imapull/imapull.toml"), "{e}");
+        assert!(e.contains("line 9"), "{e}");
+        assert!(e.contains("hots"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_names_line_and_key() {
+        let e = parse(&MIN.replace("host = \"imap.example.net\"", "host = \"h\"\nport = \"x\""))
+            .unwrap_err()
+            .0;
+        assert!(e.contains("line 5"), "{e}");
+        assert!(e.contains("port"), "{e}");
+    }
+
+    #[test]
+    fn missing_recipients_names_account_and_line() {
+        let e = parse(&MIN.replace("recipients = [\"me@example.org\"]", ""))
+            .unwrap_err()
+            .0;
+        assert!(e.contains("line 3"), "{e}");
+        assert!(e.contains("accounts.work"), "{e}");
+        assert!(e.contains("recipients"), "{e}");
+    }
+
+    #[test]
+    fn defaults_are_inherited_and_overridden() {
+        let text = r#"
+[defaults]
+deliver = "smtp://[::1]:2525"
+recipients = ["a@x"]
+mark_seen = false
+[accounts.one]
+host = "h"
+username = "u"
+password_file = "/p"
+[accounts.two]
+host = "h"
+username = "u"
+password_command = ["pass", "show", "imap"]
+mark_seen = true
+recipients = ["b@x", "c@x"]
+"#;
+        let c = parse(text).unwrap();
+        let one = c.account("one").unwrap();
+        let two = c.account("two").unwrap();
+        assert!(!one.mark_seen && two.mark_seen);
+        assert_eq!(one.recipients, vec!["a@x"]);
+        assert_eq!(two.recipients, vec!["b@x", "c@x"]);
+        assert_eq!(one.deliver.to_string(), "smtp://[::1]:2525");
+    }
+
+    #[test]
+    fn plaintext_refused_off_loopback() {
+        let e = parse(&MIN.replace("deliver", "tls = \"none\"\ndeliver"))
+            .unwrap_err()
+            .0;
+        assert!(e.contains("`tls`"), "{e}");
+        let ok = MIN
+            .replace("imap.example.net", "127.0.0.1")
+            .replace("deliver", "tls = \"none\"\ndeliver");
+        assert_eq!(parse(&ok).unwrap().accounts[0].port, 143);
+        let explicit = MIN.replace("deliver", "tls = \"none\"\nallow_plaintext = true\ndeliver");
+        assert!(parse(&explicit).is_ok());
+    }
+
+    #[test]
+    fn two_password_sources_refused() {
+        let e = parse(&MIN.replace(
+            "password = \"pw\"",
+            "password = \"pw\"\npassword_file = \"/x\"",
+        ))
+        .unwrap_err()
+        .0;
+        assert!(e.contains("only one"), "{e}");
+    }
+
+    #[test]
+    fn deliver_urls() {
+        let t = |u: &str| parse_deliver(u).map(|d| d.to_string());
+        assert_eq!(t("smtp://127.0.0.1:25").unwrap(), "smtp://127.0.0.1:25");
+        assert_eq!(t("smtp://localhost").unwrap(), "smtp://localhost:25");
+        assert_eq!(t("lmtp://[::1]:24").unwrap(), "lmtp://[::1]:24");
+        assert_eq!(t("lmtp://[::1]").unwrap(), "lmtp://[::1]:24");
+        assert_eq!(t("smtp:///var/spool/x").unwrap(), "smtp:///var/spool/x");
+        assert!(t("http://x").is_err());
+        assert!(t("smtp://x:y").is_err());
+        assert!(t("127.0.0.1:25").is_err());
+    }
+
+    #[test]
+    fn pins() {
+        let hex = "ab".repeat(32);
+        assert_eq!(parse_pin(&hex).unwrap(), vec![0xab; 32]);
+        assert_eq!(
+            parse_pin("q6urq6urq6urq6urq6urq6urq6urq6urq6urq6urq6s=").unwrap(),
+            vec![0xab; 32]
+        );
+        assert!(parse_pin("abc").is_none());
+    }
+
+    #[test]
+    fn bad_account_name() {
+        let e = parse(&MIN.replace("[accounts.work]", "[accounts.\"a b\"]"))
+            .unwrap_err()
+            .0;
+        assert!(e.contains("account name"), "{e}");
+    }
+
+    #[test]
+    fn durations() {
+        let c = parse(&format!(
+            "{MIN}imap_timeout = \"90s\"\ndeliver_timeout = \"5m\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.accounts[0].imap_timeout, Duration::from_secs(90));
+        assert_eq!(c.accounts[0].deliver_timeout, Duration::from_secs(300));
+        let e = parse(&format!("{MIN}imap_timeout = \"soon\"\n"))
+            .unwrap_err()
+            .0;
+        assert!(e.contains("imap_timeout") && e.contains("line 9"), "{e}");
+    }
+}

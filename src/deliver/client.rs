@@ -1,0 +1,402 @@
+//! The SMTP/LMTP session: connect lazily, greet, send transactions, and map
+//! every reply to an [`Outcome`].
+//!
+//! One session serves a whole run. A failed transaction is followed by RSET;
+//! a timeout, a lost connection or a 421 drops the session, and the next
+//! message opens a new one. The transaction is MAIL and the RCPTs pipelined
+//! (when offered), then DATA on its own: once a server has said 354 the only
+//! way to abort is to drop the connection, so DATA is sent only when every
+//! recipient we still need was accepted... or at least one was (see
+//! [`Deliverer::deliver`]).
+
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpStream, UnixStream};
+
+use super::reply::{Class, Extensions, Reply, ReplyBuilder};
+use super::wire::DataEncoder;
+use super::Outcome;
+use crate::config::{Deliver, DeliverProtocol, DeliverTarget};
+use crate::net::{timed, BoxIo};
+
+/// A reply line longer than this is a broken or hostile server (RFC 5321
+/// allows 512 octets).
+const MAX_LINE: u64 = 8192;
+/// The message is encoded and written in pieces of this size, so that a
+/// large message is not copied whole.
+const CHUNK: usize = 64 * 1024;
+
+/// The envelope of one transaction.
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    /// Empty for the null path `<>`.
+    pub sender: String,
+    /// The recipients still to be reached.
+    pub recipients: Vec<String>,
+}
+
+/// The result of one attempt.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub outcome: Outcome,
+    /// The server's words, for the ledger and the log.
+    pub reply: String,
+    /// Recipients that accepted the message in this attempt.
+    pub accepted: Vec<String>,
+}
+
+impl Delivery {
+    fn all(outcome: Outcome, reply: impl Into<String>) -> Delivery {
+        Delivery {
+            outcome,
+            reply: reply.into(),
+            accepted: vec![],
+        }
+    }
+}
+
+struct Session {
+    io: BufReader<BoxIo>,
+    ext: Extensions,
+}
+
+/// A delivery client with at most one open session.
+pub struct Deliverer {
+    target: Deliver,
+    helo_name: String,
+    timeout: Duration,
+    session: Option<Session>,
+    /// Sessions opened so far (tests check that an idle pass opens none).
+    pub connections: u32,
+}
+
+/// Why a session ended abruptly; the message in flight is deferred.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct SessionLost(String);
+
+impl Deliverer {
+    pub fn new(target: Deliver, helo_name: String, timeout: Duration) -> Deliverer {
+        Deliverer {
+            target,
+            helo_name,
+            timeout,
+            session: None,
+            connections: 0,
+        }
+    }
+
+    pub fn target(&self) -> &Deliver {
+        &self.target
+    }
+
+    fn peer(&self) -> String {
+        self.target.to_string()
+    }
+
+    /// Delivers one message. `prefix` (a trace header, already CRLF-ended) is
+    /// sent before `msg`. Never returns an error: every failure is an
+    /// outcome, so that the pass goes on with the next message.
+    pub async fn deliver(&mut self, env: &Envelope, prefix: &[u8], msg: &[u8]) -> Delivery {
+        match self.try_deliver(env, prefix, msg).await {
+            Ok(d) => d,
+            Err(e) => {
+                // Timeouts, I/O errors, garbage from the server: the session
+                // is in an unknown state, so it is dropped.
+                self.session = None;
+                Delivery::all(Outcome::Deferred, format!("{}: {:#}", self.peer(), e))
+            }
+        }
+    }
+
+    async fn try_deliver(&mut self, env: &Envelope, prefix: &[u8], msg: &[u8]) -> Result<Delivery> {
+        if self.session.is_none() {
+            let s = self.connect().await?;
+            self.session = Some(s);
+        }
+        let lmtp = self.target.protocol == DeliverProtocol::Lmtp;
+        let limit = self.timeout;
+        let peer = self.peer();
+        let s = self.session.as_mut().expect("session just opened");
+
+        let size = (prefix.len() + msg.len()) as u64;
+        if let Some(max) = s.ext.size {
+            if size > max {
+                return Ok(Delivery::all(
+                    Outcome::Rejected,
+                    format!("not sent: the message has {size} bytes, over the SIZE limit of {max} that {peer} announced"),
+                ));
+            }
+        }
+
+        let mut mail = format!("MAIL FROM:<{}>", env.sender);
+        if s.ext.size.is_some() {
+            mail.push_str(&format!(" SIZE={size}"));
+        }
+        let eight_bit = msg.iter().chain(prefix).any(|b| *b >= 0x80);
+        if eight_bit && s.ext.eight_bit_mime {
+            mail.push_str(" BODY=8BITMIME");
+        }
+        let needs_utf8 = !env.sender.is_ascii() || env.recipients.iter().any(|r| !r.is_ascii());
+        if needs_utf8 && s.ext.smtputf8 {
+            mail.push_str(" SMTPUTF8");
+        }
+        let mut commands = vec![mail];
+        commands.extend(env.recipients.iter().map(|r| format!("RCPT TO:<{r}>")));
+
+        let mut replies = Vec::with_capacity(commands.len());
+        if s.ext.pipelining {
+            let batch: String = commands.iter().map(|c| format!("{c}\r\n")).collect();
+            tracing::trace!(peer, "C: {}", batch.trim_end());
+            timed(&peer, limit, s.io.get_mut().write_all(batch.as_bytes())).await?;
+            for _ in &commands {
+                replies.push(read_reply(&mut s.io, &peer, limit).await?);
+            }
+        } else {
+            for c in &commands {
+                replies.push(command(&mut s.io, &peer, limit, c).await?);
+            }
+        }
+        if replies.iter().any(|r| r.code == 421) {
+            self.session = None;
+            let r = replies.iter().find(|r| r.code == 421).unwrap();
+            return Ok(Delivery::all(Outcome::Deferred, format!("{peer}: {r}")));
+        }
+        let mail_reply = &replies[0];
+        if !mail_reply.is_ok() {
+            let outcome = class_outcome(mail_reply.class());
+            let text = format!("MAIL FROM refused: {mail_reply}");
+            self.reset().await;
+            return Ok(Delivery::all(outcome, text));
+        }
+        let mut accepted = Vec::new();
+        let mut refused = Vec::new();
+        for (rcpt, r) in env.recipients.iter().zip(&replies[1..]) {
+            if r.is_ok() {
+                accepted.push(rcpt.clone());
+            } else {
+                refused.push((rcpt.clone(), r.clone()));
+            }
+        }
+        if accepted.is_empty() {
+            let outcome = worst(refused.iter().map(|(_, r)| r.class()));
+            let text = describe_refused(&refused);
+            self.reset().await;
+            return Ok(Delivery::all(outcome, text));
+        }
+
+        // At least one recipient accepted: send the message to those. The
+        // refused ones are retried (4xx) or quarantined (5xx) on their own,
+        // and the ledger remembers who already has it, so no one gets it twice.
+        let s = self.session.as_mut().expect("session open");
+        let r = command(&mut s.io, &peer, limit, "DATA").await?;
+        if r.code != 354 {
+            let outcome = class_outcome(r.class());
+            if r.code == 421 {
+                self.session = None;
+            } else {
+                self.reset().await;
+            }
+            return Ok(Delivery::all(outcome, format!("DATA refused: {r}")));
+        }
+        send_data(&mut s.io, &peer, limit, prefix, msg).await?;
+
+        let mut final_replies = Vec::new();
+        if lmtp {
+            for rcpt in &accepted {
+                final_replies.push((rcpt.clone(), read_reply(&mut s.io, &peer, limit).await?));
+            }
+        } else {
+            let r = read_reply(&mut s.io, &peer, limit).await?;
+            final_replies.extend(accepted.iter().map(|rcpt| (rcpt.clone(), r.clone())));
+        }
+        if final_replies.iter().any(|(_, r)| r.code == 421) {
+            self.session = None;
+        }
+        let mut got = Vec::new();
+        for (rcpt, r) in final_replies {
+            if r.is_ok() {
+                got.push((rcpt, r));
+            } else {
+                refused.push((rcpt, r));
+            }
+        }
+        let accepted: Vec<String> = got.iter().map(|(a, _)| a.clone()).collect();
+        if refused.is_empty() {
+            let text = if lmtp && got.len() > 1 {
+                got.iter()
+                    .map(|(a, r)| format!("<{a}>: {r}"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            } else {
+                got[0].1.to_string()
+            };
+            return Ok(Delivery {
+                outcome: Outcome::Delivered,
+                reply: text,
+                accepted,
+            });
+        }
+        let outcome = worst(refused.iter().map(|(_, r)| r.class()));
+        let mut text = describe_refused(&refused);
+        if !accepted.is_empty() {
+            text.push_str(&format!("; accepted by {}", accepted.join(", ")));
+        }
+        Ok(Delivery {
+            outcome,
+            reply: text,
+            accepted,
+        })
+    }
+
+    async fn connect(&mut self) -> Result<Session> {
+        let peer = self.peer();
+        let limit = self.timeout;
+        let io: BoxIo = match &self.target.target {
+            DeliverTarget::Tcp { host, port } => {
+                let s = timed(&peer, limit, TcpStream::connect((host.as_str(), *port)))
+                    .await
+                    .with_context(|| format!("connecting to {peer}"))?;
+                s.set_nodelay(true).ok();
+                Box::new(s)
+            }
+            DeliverTarget::Unix(path) => Box::new(
+                timed(&peer, limit, UnixStream::connect(path))
+                    .await
+                    .with_context(|| format!("connecting to {peer}"))?,
+            ),
+        };
+        self.connections += 1;
+        let mut io = BufReader::with_capacity(16 * 1024, io);
+        let greeting = read_reply(&mut io, &peer, limit).await?;
+        if greeting.code != 220 {
+            bail!("{peer} greeted with {greeting}");
+        }
+        let lmtp = self.target.protocol == DeliverProtocol::Lmtp;
+        let verb = if lmtp { "LHLO" } else { "EHLO" };
+        let mut hello =
+            command(&mut io, &peer, limit, &format!("{verb} {}", self.helo_name)).await?;
+        let ext = if hello.is_ok() {
+            Extensions::from_ehlo(&hello)
+        } else if !lmtp && hello.class() == Class::Permanent {
+            hello = command(&mut io, &peer, limit, &format!("HELO {}", self.helo_name)).await?;
+            if !hello.is_ok() {
+                bail!("{peer} refused HELO: {hello}");
+            }
+            Extensions::default()
+        } else {
+            bail!("{peer} refused {verb}: {hello}");
+        };
+        tracing::debug!(peer, ?ext, "delivery session open");
+        Ok(Session { io, ext })
+    }
+
+    /// RSET after a failed transaction; a failed RSET drops the session.
+    async fn reset(&mut self) {
+        let peer = self.peer();
+        let limit = self.timeout;
+        if let Some(s) = self.session.as_mut() {
+            match command(&mut s.io, &peer, limit, "RSET").await {
+                Ok(r) if r.is_ok() => {}
+                _ => self.session = None,
+            }
+        }
+    }
+
+    /// Ends the session politely, if one is open.
+    pub async fn quit(&mut self) {
+        let peer = self.peer();
+        if let Some(mut s) = self.session.take() {
+            let _ = command(&mut s.io, &peer, Duration::from_secs(5), "QUIT").await;
+        }
+    }
+}
+
+fn class_outcome(c: Class) -> Outcome {
+    match c {
+        Class::Permanent => Outcome::Rejected,
+        Class::Ok => Outcome::Delivered,
+        // A 3xx where 2xx was due is a confused server: try again later.
+        Class::Transient | Class::Intermediate => Outcome::Deferred,
+    }
+}
+
+/// Any temporary refusal makes the whole message temporary: a retry may
+/// still reach those recipients.
+fn worst(classes: impl Iterator<Item = Class>) -> Outcome {
+    let mut out = Outcome::Rejected;
+    for c in classes {
+        if c != Class::Permanent {
+            out = Outcome::Deferred;
+        }
+    }
+    out
+}
+
+fn describe_refused(refused: &[(String, Reply)]) -> String {
+    refused
+        .iter()
+        .map(|(a, r)| format!("<{a}> refused: {r}"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+async fn command(io: &mut BufReader<BoxIo>, peer: &str, limit: Duration, c: &str) -> Result<Reply> {
+    tracing::trace!(peer, "C: {c}");
+    let line = format!("{c}\r\n");
+    timed(peer, limit, io.get_mut().write_all(line.as_bytes())).await?;
+    read_reply(io, peer, limit).await
+}
+
+async fn read_reply(io: &mut BufReader<BoxIo>, peer: &str, limit: Duration) -> Result<Reply> {
+    let mut builder = ReplyBuilder::default();
+    let mut line = Vec::with_capacity(128);
+    loop {
+        line.clear();
+        let n = timed(
+            peer,
+            limit,
+            (&mut *io).take(MAX_LINE).read_until(b'\n', &mut line),
+        )
+        .await?;
+        if n == 0 {
+            return Err(anyhow!(SessionLost(format!(
+                "{peer} closed the connection"
+            ))));
+        }
+        if !line.ends_with(b"\n") {
+            bail!("{peer} sent a reply line over {MAX_LINE} bytes or cut short");
+        }
+        tracing::trace!(peer, "S: {}", String::from_utf8_lossy(&line).trim_end());
+        if let Some(r) = builder
+            .push(&line)
+            .with_context(|| format!("from {peer}"))?
+        {
+            return Ok(r);
+        }
+    }
+}
+
+async fn send_data(
+    io: &mut BufReader<BoxIo>,
+    peer: &str,
+    limit: Duration,
+    prefix: &[u8],
+    msg: &[u8],
+) -> Result<()> {
+    let mut enc = DataEncoder::default();
+    let mut buf = Vec::with_capacity(CHUNK + CHUNK / 8);
+    let w = io.get_mut();
+    for piece in std::iter::once(prefix).chain(msg.chunks(CHUNK)) {
+        buf.clear();
+        enc.feed(piece, &mut buf);
+        timed(peer, limit, w.write_all(&buf)).await?;
+    }
+    buf.clear();
+    enc.finish(&mut buf);
+    timed(peer, limit, w.write_all(&buf)).await?;
+    timed(peer, limit, w.flush()).await?;
+    Ok(())
+}

@@ -1,0 +1,486 @@
+//! The IMAP side: connecting (TLS, STARTTLS, pinning), logging in, and the
+//! few commands a pass needs, each bounded by a timeout.
+//!
+//! Built on async-imap. Its traps, and how they are handled here:
+//! a tagged NO or BAD to `UID FETCH` ends the stream without an error, and a
+//! dropped connection can end it normally too, so the caller checks that
+//! every requested UID came back ([`crate::pull`]); its trace log prints
+//! commands verbatim, LOGIN included, so `main` never enables it.
+
+pub mod utf7;
+
+use std::collections::{BTreeSet, HashSet};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use async_imap::imap_proto::{Response, Status};
+use async_imap::types::Fetch;
+use futures_util::{Stream, StreamExt as _};
+use tokio::net::TcpStream;
+
+use crate::config::{Account, PasswordSource, TlsMode};
+use crate::net::{timed, BoxIo};
+use crate::secret::Secret;
+
+pub type Session = async_imap::Session<BoxIo>;
+
+/// The attributes fetched for delivery. BODY.PEEK leaves `\Seen` alone: the
+/// flag is stored only after the ledger has the delivery.
+pub const FETCH_ITEMS: &str = "(UID RFC822.SIZE INTERNALDATE FLAGS BODY.PEEK[])";
+
+/// A command line stays well under the 8 KB many servers accept.
+const MAX_SET_LEN: usize = 4000;
+
+/// Why an account could not be used at all; `main` maps these to exit codes.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// Network, TLS, greeting: the server cannot be used now (EX_UNAVAILABLE).
+    #[error("{0:#}")]
+    Unavailable(anyhow::Error),
+    /// The server refused our credentials, or they could not be read
+    /// (EX_NOPERM).
+    #[error("{0:#}")]
+    Auth(anyhow::Error),
+}
+
+/// A logged-in IMAP connection.
+pub struct Imap {
+    pub session: Session,
+    pub caps: HashSet<String>,
+    pub peer: String,
+    pub timeout: Duration,
+}
+
+/// What SELECT tells a pass.
+#[derive(Debug, Clone, Copy)]
+pub struct Selected {
+    pub uidvalidity: u32,
+    pub uidnext: u32,
+    pub exists: u32,
+}
+
+impl Imap {
+    pub async fn connect(account: &Account) -> Result<Imap, ConnectError> {
+        let peer = format!("{}:{}", account.host, account.port);
+        let limit = account.imap_timeout;
+        let unavailable = |e: anyhow::Error| ConnectError::Unavailable(e);
+
+        let tcp = timed(
+            &peer,
+            limit,
+            TcpStream::connect((account.host.as_str(), account.port)),
+        )
+        .await
+        .with_context(|| format!("connecting to {peer}"))
+        .map_err(unavailable)?;
+        tcp.set_nodelay(true).ok();
+
+        let client = match account.tls {
+            TlsMode::Implicit => {
+                let tls = tls_wrap(account, Box::new(tcp))
+                    .await
+                    .map_err(unavailable)?;
+                let mut c = async_imap::Client::new(tls);
+                read_greeting(&mut c, &peer, limit)
+                    .await
+                    .map_err(unavailable)?;
+                c
+            }
+            TlsMode::None => {
+                let mut c = async_imap::Client::new(Box::new(tcp) as BoxIo);
+                read_greeting(&mut c, &peer, limit)
+                    .await
+                    .map_err(unavailable)?;
+                c
+            }
+            TlsMode::Starttls => {
+                let mut c = async_imap::Client::new(Box::new(tcp) as BoxIo);
+                read_greeting(&mut c, &peer, limit)
+                    .await
+                    .map_err(unavailable)?;
+                let caps = client_capabilities(&mut c, &peer, limit)
+                    .await
+                    .map_err(unavailable)?;
+                if !caps.contains("STARTTLS") {
+                    return Err(unavailable(anyhow!(
+                        "{peer} does not offer STARTTLS; refusing to log in without TLS \
+                         (tls = \"starttls\" in the config)"
+                    )));
+                }
+                timed(&peer, limit, c.run_command_and_check_ok("STARTTLS", None))
+                    .await
+                    .context("STARTTLS")
+                    .map_err(unavailable)?;
+                // into_inner drops anything buffered before the handshake,
+                // so plaintext injected after STARTTLS is never read.
+                let tls = tls_wrap(account, c.into_inner())
+                    .await
+                    .map_err(unavailable)?;
+                async_imap::Client::new(tls)
+            }
+        };
+        let mut client = client;
+        let caps = client_capabilities(&mut client, &peer, limit)
+            .await
+            .map_err(unavailable)?;
+        if caps.contains("LOGINDISABLED") && !caps.contains("AUTH=PLAIN") {
+            return Err(ConnectError::Auth(anyhow!(
+                "{peer} refuses to log in (LOGINDISABLED) on this connection"
+            )));
+        }
+        let password = read_password(&account.password).map_err(ConnectError::Auth)?;
+        let login = if caps.contains("AUTH=PLAIN") {
+            let auth = PlainAuth {
+                user: account.username.clone(),
+                password: password.clone(),
+            };
+            timed(&peer, limit, async {
+                client.authenticate("PLAIN", auth).await.map_err(|(e, _)| e)
+            })
+            .await
+        } else {
+            timed(&peer, limit, async {
+                client
+                    .login(&account.username, password.expose())
+                    .await
+                    .map_err(|(e, _)| e)
+            })
+            .await
+        };
+        let mut session = login
+            .with_context(|| format!("logging in to {peer} as {}", account.username))
+            .map_err(|e| match e.downcast_ref::<async_imap::error::Error>() {
+                Some(async_imap::error::Error::No(_)) | Some(async_imap::error::Error::Bad(_)) => {
+                    ConnectError::Auth(e)
+                }
+                _ => ConnectError::Unavailable(e),
+            })?;
+        // Capabilities may grow after login (Dovecot adds the extensions).
+        let mut caps = cap_set(
+            &timed(&peer, limit, session.capabilities())
+                .await
+                .map_err(unavailable)?,
+        );
+        if account.compress && caps.contains("COMPRESS=DEFLATE") {
+            session = timed(&peer, limit, session.compress(|s| Box::new(s) as BoxIo))
+                .await
+                .context("COMPRESS DEFLATE")
+                .map_err(unavailable)?;
+            caps.insert("X-IMAPULL-COMPRESSED".into());
+            tracing::debug!(peer, "COMPRESS=DEFLATE active");
+        }
+        Ok(Imap {
+            session,
+            caps,
+            peer,
+            timeout: limit,
+        })
+    }
+
+    pub fn has(&self, cap: &str) -> bool {
+        self.caps.contains(cap)
+    }
+
+    pub async fn select(&mut self, mailbox: &str) -> Result<Selected> {
+        let name = utf7::encode(mailbox);
+        let mb = timed(&self.peer, self.timeout, self.session.select(&name))
+            .await
+            .with_context(|| format!("selecting mailbox {mailbox:?} on {}", self.peer))?;
+        let uidvalidity = mb
+            .uid_validity
+            .ok_or_else(|| anyhow!("{} sent no UIDVALIDITY for {mailbox:?}", self.peer))?;
+        let uidnext = match mb.uid_next {
+            Some(n) => n,
+            // RFC 3501 lets a server omit UIDNEXT; the highest UID + 1 is the
+            // same thing for our purpose.
+            None => self.search("ALL").await?.iter().max().map_or(1, |m| m + 1),
+        };
+        Ok(Selected {
+            uidvalidity,
+            uidnext,
+            exists: mb.exists,
+        })
+    }
+
+    pub async fn search(&mut self, query: &str) -> Result<BTreeSet<u32>> {
+        let r = timed(&self.peer, self.timeout, self.session.uid_search(query))
+            .await
+            .with_context(|| format!("UID SEARCH {query} on {}", self.peer))?;
+        Ok(r.into_iter().collect())
+    }
+
+    /// Starts `UID FETCH set items`; the caller drains the stream, each item
+    /// under a timeout.
+    pub async fn fetch(
+        &mut self,
+        set: &str,
+        items: &str,
+    ) -> Result<impl Stream<Item = async_imap::error::Result<Fetch>> + '_ + Send + Unpin> {
+        let peer = self.peer.clone();
+        timed(
+            &peer,
+            self.timeout,
+            self.session.uid_fetch(set.to_string(), items.to_string()),
+        )
+        .await
+        .with_context(|| format!("UID FETCH on {peer}"))
+    }
+
+    /// Adds `\Seen` to `uids`, in batches.
+    pub async fn add_seen(&mut self, uids: &[u32]) -> Result<()> {
+        for set in uid_sets(uids) {
+            let peer = self.peer.clone();
+            let limit = self.timeout;
+            timed(&peer, limit, async {
+                let mut s = self
+                    .session
+                    .uid_store(&set, "+FLAGS.SILENT (\\Seen)")
+                    .await?;
+                while let Some(r) = s.next().await {
+                    r?;
+                }
+                Ok::<_, async_imap::error::Error>(())
+            })
+            .await
+            .with_context(|| format!("storing \\Seen on {peer}"))?;
+        }
+        Ok(())
+    }
+
+    /// Checks that the connection still answers (after a FETCH stream ended,
+    /// to tell "done" from "dropped").
+    pub async fn noop(&mut self) -> Result<()> {
+        timed(&self.peer, self.timeout, self.session.noop())
+            .await
+            .with_context(|| format!("NOOP on {}", self.peer))
+    }
+
+    pub async fn logout(mut self) {
+        let _ = timed(&self.peer, Duration::from_secs(5), self.session.logout()).await;
+    }
+}
+
+/// Upper-cased capability names, AUTH= ones included.
+fn cap_set(caps: &async_imap::types::Capabilities) -> HashSet<String> {
+    use async_imap::types::Capability;
+    caps.iter()
+        .map(|c| match c {
+            Capability::Imap4rev1 => "IMAP4REV1".to_string(),
+            Capability::Auth(a) => format!("AUTH={}", a.to_ascii_uppercase()),
+            Capability::Atom(a) => a.to_ascii_uppercase(),
+        })
+        .collect()
+}
+
+/// CAPABILITY before login: async-imap has it only on a logged-in session,
+/// so the untagged reply is collected from the unsolicited channel.
+async fn client_capabilities(
+    c: &mut async_imap::Client<BoxIo>,
+    peer: &str,
+    limit: Duration,
+) -> Result<HashSet<String>> {
+    use async_imap::imap_proto::Capability as C;
+    use async_imap::types::UnsolicitedResponse;
+    let (tx, rx) = async_channel::unbounded();
+    timed(
+        peer,
+        limit,
+        c.run_command_and_check_ok("CAPABILITY", Some(tx)),
+    )
+    .await
+    .with_context(|| format!("CAPABILITY on {peer}"))?;
+    let mut caps = HashSet::new();
+    while let Ok(r) = rx.try_recv() {
+        if let UnsolicitedResponse::Other(data) = r {
+            if let Response::Capabilities(list) = data.parsed() {
+                caps.extend(list.iter().map(|c| match c {
+                    C::Imap4rev1 => "IMAP4REV1".to_string(),
+                    C::Auth(a) => format!("AUTH={}", a.to_ascii_uppercase()),
+                    C::Atom(a) => a.to_ascii_uppercase(),
+                }));
+            }
+        }
+    }
+    Ok(caps)
+}
+
+async fn read_greeting(
+    c: &mut async_imap::Client<BoxIo>,
+    peer: &str,
+    limit: Duration,
+) -> Result<()> {
+    let r = timed(peer, limit, c.read_response())
+        .await
+        .with_context(|| format!("reading the greeting of {peer}"))?
+        .ok_or_else(|| anyhow!("{peer} closed the connection before greeting"))?;
+    match r.parsed() {
+        Response::Data {
+            status: Status::Ok, ..
+        } => Ok(()),
+        Response::Data {
+            status: Status::PreAuth,
+            ..
+        } => bail!(
+            "{peer} greeted with PREAUTH on a network connection; refusing it, since a man in \
+             the middle could use it to skip authentication and TLS (PREAUTH is accepted only \
+             over a tunnel)"
+        ),
+        Response::Data {
+            status: Status::Bye,
+            outcome,
+        } => bail!(
+            "{peer} refused the connection: {}",
+            outcome.information.as_deref().unwrap_or("BYE")
+        ),
+        _ => bail!("{peer} sent an unexpected greeting"),
+    }
+}
+
+async fn tls_wrap(account: &Account, stream: BoxIo) -> Result<BoxIo> {
+    let peer = format!("{}:{}", account.host, account.port);
+    let mut connector = async_native_tls::TlsConnector::new();
+    if let Some(ca) = &account.ca_file {
+        let pem = std::fs::read(ca).with_context(|| format!("reading ca_file {}", ca.display()))?;
+        let certs = native_tls::Certificate::stack_from_pem(&pem)
+            .with_context(|| format!("parsing ca_file {}", ca.display()))?;
+        for cert in certs {
+            connector = connector.add_root_certificate(cert);
+        }
+    }
+    let host = account.host.trim_start_matches('[').trim_end_matches(']');
+    let tls = timed(&peer, account.imap_timeout, connector.connect(host, stream))
+        .await
+        .with_context(|| format!("TLS handshake with {peer}"))?;
+    if let Some(pin) = &account.tls_pin_sha256 {
+        let cert = tls
+            .peer_certificate()?
+            .ok_or_else(|| anyhow!("{peer} sent no certificate"))?;
+        let got = spki_sha256(&cert.to_der()?)?;
+        if &got != pin {
+            bail!(
+                "{peer}: the server's public key (sha256 {}) does not match tls_pin_sha256",
+                hex(&got)
+            );
+        }
+    }
+    Ok(Box::new(tls))
+}
+
+/// SHA-256 of the certificate's SubjectPublicKeyInfo (the HPKP/curl pin).
+pub fn spki_sha256(der: &[u8]) -> Result<Vec<u8>> {
+    let x509 = openssl::x509::X509::from_der(der)?;
+    let spki = x509.public_key()?.public_key_to_der()?;
+    Ok(openssl::sha::sha256(&spki).to_vec())
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn read_password(src: &PasswordSource) -> Result<Secret> {
+    fn strip(mut s: String) -> String {
+        if s.ends_with('\n') {
+            s.pop();
+            if s.ends_with('\r') {
+                s.pop();
+            }
+        }
+        s
+    }
+    match src {
+        PasswordSource::Inline(s) => Ok(s.clone()),
+        PasswordSource::File(p) => {
+            let s = std::fs::read_to_string(p)
+                .with_context(|| format!("reading password_file {}", p.display()))?;
+            Ok(Secret::new(strip(s)))
+        }
+        PasswordSource::Command(argv) => {
+            let out = std::process::Command::new(&argv[0])
+                .args(&argv[1..])
+                .stdin(std::process::Stdio::null())
+                .stderr(std::process::Stdio::inherit())
+                .output()
+                .with_context(|| format!("running password_command {:?}", argv[0]))?;
+            if !out.status.success() {
+                bail!("password_command {:?} failed: {}", argv[0], out.status);
+            }
+            let s = String::from_utf8(out.stdout)
+                .map_err(|_| anyhow!("password_command {:?} printed non-UTF-8", argv[0]))?;
+            Ok(Secret::new(strip(s)))
+        }
+    }
+}
+
+struct PlainAuth {
+    user: String,
+    password: Secret,
+}
+
+impl async_imap::Authenticator for PlainAuth {
+    type Response = Vec<u8>;
+    fn process(&mut self, _challenge: &[u8]) -> Vec<u8> {
+        let mut r = Vec::new();
+        r.push(0);
+        r.extend_from_slice(self.user.as_bytes());
+        r.push(0);
+        r.extend_from_slice(self.password.expose().as_bytes());
+        r
+    }
+}
+
+/// Sorted UIDs as IMAP sequence sets ("1:4,7,9:12"), each short enough for
+/// one command line.
+pub fn uid_sets(uids: &[u32]) -> Vec<String> {
+    let mut sorted: Vec<u32> = uids.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut sets = Vec::new();
+    let mut cur = String::new();
+    let mut i = 0;
+    while i < sorted.len() {
+        let start = sorted[i];
+        let mut end = start;
+        while i + 1 < sorted.len() && sorted[i + 1] == end + 1 {
+            i += 1;
+            end = sorted[i];
+        }
+        i += 1;
+        let piece = if start == end {
+            start.to_string()
+        } else {
+            format!("{start}:{end}")
+        };
+        if !cur.is_empty() && cur.len() + piece.len() + 1 > MAX_SET_LEN {
+            sets.push(std::mem::take(&mut cur));
+        }
+        if !cur.is_empty() {
+            cur.push(',');
+        }
+        cur.push_str(&piece);
+    }
+    if !cur.is_empty() {
+        sets.push(cur);
+    }
+    sets
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sets() {
+        assert_eq!(uid_sets(&[]), Vec::<String>::new());
+        assert_eq!(uid_sets(&[3, 1, 2, 7, 9, 10, 9]), vec!["1:3,7,9:10"]);
+        let many: Vec<u32> = (0..5000).map(|i| i * 2).collect();
+        let sets = uid_sets(&many);
+        assert!(sets.len() > 1);
+        assert!(sets.iter().all(|s| s.len() <= MAX_SET_LEN));
+        let back: Vec<u32> = sets
+            .iter()
+            .flat_map(|s| s.split(','))
+            .map(|p| p.parse().unwrap())
+            .collect();
+        assert_eq!(back, many);
+    }
+}

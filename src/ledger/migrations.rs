@@ -1,0 +1,59 @@
+//! Numbered, forward-only schema migrations.
+//!
+//! `PRAGMA user_version` holds the number of migrations applied. A migration
+//! is never edited once released: a change is a new entry at the end. A
+//! ledger written by a newer imapull is refused rather than misread.
+
+use anyhow::{bail, Result};
+use rusqlite::Connection;
+
+const MIGRATIONS: &[&str] = &[
+    // 1: mailboxes and messages.
+    "CREATE TABLE mailbox (
+        account     TEXT NOT NULL,
+        mailbox     TEXT NOT NULL,
+        uidvalidity INTEGER NOT NULL,
+        watermark   INTEGER NOT NULL,
+        updated_at  INTEGER NOT NULL,
+        PRIMARY KEY (account, mailbox)
+     ) STRICT;
+     CREATE TABLE message (
+        account       TEXT NOT NULL,
+        mailbox       TEXT NOT NULL,
+        uidvalidity   INTEGER NOT NULL,
+        uid           INTEGER NOT NULL,
+        message_id    TEXT,
+        size          INTEGER,
+        internaldate  TEXT,
+        state         TEXT NOT NULL
+                      CHECK (state IN ('delivered','deferred','rejected','skipped','vanished')),
+        attempts      INTEGER NOT NULL,
+        last_reply    TEXT,
+        delivered_to  TEXT,
+        first_seen_at INTEGER NOT NULL,
+        updated_at    INTEGER NOT NULL,
+        delivered_at  INTEGER,
+        flagged       INTEGER NOT NULL,
+        PRIMARY KEY (account, mailbox, uidvalidity, uid)
+     ) STRICT;
+     CREATE INDEX message_by_state ON message (account, mailbox, state);",
+];
+
+pub fn run(conn: &mut Connection) -> Result<()> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let version = usize::try_from(version).unwrap_or(usize::MAX);
+    if version > MIGRATIONS.len() {
+        bail!(
+            "the ledger has schema version {version}, newer than this imapull knows ({}); \
+             run a newer imapull or restore a backup",
+            MIGRATIONS.len()
+        );
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+    }
+    Ok(())
+}

@@ -1,0 +1,571 @@
+//! The ledger: what imapull has done, in SQLite.
+//!
+//! One row per mailbox (its UIDVALIDITY and watermark) and one row per remote
+//! message imapull acted on, keyed by (account, mailbox, UIDVALIDITY, UID).
+//! A delivered row is committed right after the local server's final reply,
+//! before any flag is stored on the remote, so a crash can at worst deliver
+//! one message twice and never loses one. Nothing is ever removed from a
+//! remote server unless a row here says `delivered` (see DESIGN.md).
+//!
+//! The API is synchronous; async callers go through [`LedgerHandle`], which
+//! runs each call on tokio's blocking pool so that an fsync never stalls an
+//! IMAP or SMTP socket.
+
+mod migrations;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use rusqlite::{params, Connection, OptionalExtension};
+
+/// Another process holding the write lock (a second account's run, a
+/// `status` query) finishes a transaction in milliseconds; ten seconds covers
+/// a slow disk without hanging a run forever on a stuck one.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The state of one remote message, as stored in `message.state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Every recipient got 2xx; the only state that permits removal.
+    Delivered,
+    /// 4xx, timeout or lost connection; retried before new mail.
+    Deferred,
+    /// 5xx or too large: quarantined until the operator acts.
+    Rejected,
+    /// Present at first contact and not pulled (`initial = "unseen"`).
+    Skipped,
+    /// Deferred once, then gone from the server before it could be retried.
+    Vanished,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Delivered => "delivered",
+            State::Deferred => "deferred",
+            State::Rejected => "rejected",
+            State::Skipped => "skipped",
+            State::Vanished => "vanished",
+        }
+    }
+}
+
+/// Per-mailbox state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MailboxState {
+    pub uidvalidity: u32,
+    /// The UIDNEXT after the last pass that left no message unaccounted for.
+    pub watermark: u32,
+}
+
+/// Identifies one remote message.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct MessageKey {
+    pub account: String,
+    pub mailbox: String,
+    pub uidvalidity: u32,
+    pub uid: u32,
+}
+
+/// What one delivery attempt produced, ready to be written.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    pub key: MessageKey,
+    pub message_id: Option<String>,
+    pub size: u64,
+    pub internaldate: Option<String>,
+    pub state: State,
+    pub reply: String,
+    /// Recipients that have accepted the message so far (LMTP may accept
+    /// some and defer others; a retry goes only to the rest).
+    pub delivered_to: Vec<String>,
+    pub now: i64,
+}
+
+/// A deferred message to retry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pending {
+    pub uid: u32,
+    pub delivered_to: Vec<String>,
+}
+
+/// A row as `imapull status` and the tests read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Row {
+    pub account: String,
+    pub mailbox: String,
+    pub uidvalidity: u32,
+    pub uid: u32,
+    pub message_id: Option<String>,
+    pub size: Option<i64>,
+    pub state: String,
+    pub attempts: i64,
+    pub last_reply: Option<String>,
+    pub delivered_to: Vec<String>,
+    pub delivered_at: Option<i64>,
+    pub flagged: bool,
+}
+
+/// A row left from an earlier UIDVALIDITY, for matching after a change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OldRow {
+    pub uidvalidity: u32,
+    pub uid: u32,
+    pub message_id: String,
+    pub size: i64,
+}
+
+pub struct Ledger {
+    conn: Connection,
+    path: PathBuf,
+}
+
+fn join_rcpts(r: &[String]) -> Option<String> {
+    (!r.is_empty()).then(|| r.join("\n"))
+}
+
+fn split_rcpts(s: Option<String>) -> Vec<String> {
+    s.map(|s| s.split('\n').map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
+impl Ledger {
+    /// Opens (creating if needed) the ledger at `path` and brings its schema
+    /// up to date.
+    pub fn open(path: &Path) -> Result<Ledger> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating the ledger directory {}", dir.display()))?;
+        }
+        let mut conn = Connection::open(path)
+            .with_context(|| format!("opening the ledger {}", path.display()))?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        // WAL: readers (imapull status) never block the run, and a commit is
+        // one append to the log. synchronous=FULL: the commit after a 250 is
+        // on disk before we go on, so even a power cut cannot roll back more
+        // than the message in flight (the duplicate window DESIGN.md allows).
+        // foreign_keys is set for future tables; none rely on it yet.
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        migrations::run(&mut conn)
+            .with_context(|| format!("migrating the ledger {}", path.display()))?;
+        Ok(Ledger {
+            conn,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn mailbox_state(&self, account: &str, mailbox: &str) -> Result<Option<MailboxState>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT uidvalidity, watermark FROM mailbox WHERE account = ?1 AND mailbox = ?2",
+                params![account, mailbox],
+                |r| {
+                    Ok(MailboxState {
+                        uidvalidity: r.get(0)?,
+                        watermark: r.get(1)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    pub fn set_mailbox_state(
+        &self,
+        account: &str,
+        mailbox: &str,
+        state: MailboxState,
+        now: i64,
+    ) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO mailbox (account, mailbox, uidvalidity, watermark, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (account, mailbox) DO UPDATE SET
+               uidvalidity = excluded.uidvalidity,
+               watermark = excluded.watermark,
+               updated_at = excluded.updated_at",
+            params![account, mailbox, state.uidvalidity, state.watermark, now],
+        )?;
+        Ok(())
+    }
+
+    /// UIDs at or above `from` that already have a row, whatever its state.
+    pub fn known_uids_from(
+        &self,
+        account: &str,
+        mailbox: &str,
+        uidvalidity: u32,
+        from: u32,
+    ) -> Result<HashSet<u32>> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT uid FROM message
+             WHERE account = ?1 AND mailbox = ?2 AND uidvalidity = ?3 AND uid >= ?4",
+        )?;
+        let rows = st.query_map(params![account, mailbox, uidvalidity, from], |r| r.get(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Deferred messages of this mailbox, oldest UID first.
+    pub fn pending(&self, account: &str, mailbox: &str, uidvalidity: u32) -> Result<Vec<Pending>> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT uid, delivered_to FROM message
+             WHERE account = ?1 AND mailbox = ?2 AND uidvalidity = ?3 AND state = 'deferred'
+             ORDER BY uid",
+        )?;
+        let rows = st.query_map(params![account, mailbox, uidvalidity], |r| {
+            Ok(Pending {
+                uid: r.get(0)?,
+                delivered_to: split_rcpts(r.get(1)?),
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Writes the outcome of one delivery attempt, in its own transaction.
+    pub fn record(&self, a: &Attempt) -> Result<()> {
+        let delivered_at = (a.state == State::Delivered).then_some(a.now);
+        self.conn
+            .prepare_cached(
+                "INSERT INTO message (account, mailbox, uidvalidity, uid, message_id, size,
+                   internaldate, state, attempts, last_reply, delivered_to, first_seen_at,
+                   updated_at, delivered_at, flagged)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 1, ?9, ?10, ?11, ?11, ?12, 0)
+                 ON CONFLICT (account, mailbox, uidvalidity, uid) DO UPDATE SET
+                   message_id = coalesce(excluded.message_id, message.message_id),
+                   size = excluded.size,
+                   internaldate = coalesce(excluded.internaldate, message.internaldate),
+                   state = excluded.state,
+                   attempts = message.attempts + 1,
+                   last_reply = excluded.last_reply,
+                   delivered_to = excluded.delivered_to,
+                   updated_at = excluded.updated_at,
+                   delivered_at = excluded.delivered_at",
+            )?
+            .execute(params![
+                a.key.account,
+                a.key.mailbox,
+                a.key.uidvalidity,
+                a.key.uid,
+                a.message_id,
+                a.size as i64,
+                a.internaldate,
+                a.state.as_str(),
+                a.reply,
+                join_rcpts(&a.delivered_to),
+                a.now,
+                delivered_at,
+            ])?;
+        Ok(())
+    }
+
+    /// Records messages found at first contact and deliberately not pulled.
+    pub fn record_skipped(
+        &mut self,
+        account: &str,
+        mailbox: &str,
+        uidvalidity: u32,
+        rows: &[(u32, Option<String>, Option<u64>)],
+        now: i64,
+    ) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut st = tx.prepare_cached(
+                "INSERT OR IGNORE INTO message (account, mailbox, uidvalidity, uid, message_id,
+                   size, state, attempts, first_seen_at, updated_at, flagged)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'skipped', 0, ?7, ?7, 0)",
+            )?;
+            for (uid, mid, size) in rows {
+                st.execute(params![
+                    account,
+                    mailbox,
+                    uidvalidity,
+                    uid,
+                    mid,
+                    size.map(|s| s as i64),
+                    now
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Marks deferred messages that are no longer on the server.
+    pub fn mark_vanished(
+        &mut self,
+        account: &str,
+        mailbox: &str,
+        uidvalidity: u32,
+        uids: &[u32],
+        now: i64,
+    ) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut st = tx.prepare_cached(
+                "UPDATE message SET state = 'vanished', updated_at = ?5,
+                   last_reply = 'no longer on the server when retried'
+                 WHERE account = ?1 AND mailbox = ?2 AND uidvalidity = ?3 AND uid = ?4
+                   AND state = 'deferred'",
+            )?;
+            for uid in uids {
+                st.execute(params![account, mailbox, uidvalidity, uid, now])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Delivered rows whose `\Seen` flag has not been stored yet (a crash or
+    /// a lost connection between delivery and STORE).
+    pub fn unflagged(&self, account: &str, mailbox: &str, uidvalidity: u32) -> Result<Vec<u32>> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT uid FROM message
+             WHERE account = ?1 AND mailbox = ?2 AND uidvalidity = ?3
+               AND state = 'delivered' AND flagged = 0
+             ORDER BY uid",
+        )?;
+        let rows = st.query_map(params![account, mailbox, uidvalidity], |r| r.get(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    pub fn mark_flagged(
+        &mut self,
+        account: &str,
+        mailbox: &str,
+        uidvalidity: u32,
+        uids: &[u32],
+    ) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut st = tx.prepare_cached(
+                "UPDATE message SET flagged = 1
+                 WHERE account = ?1 AND mailbox = ?2 AND uidvalidity = ?3 AND uid = ?4",
+            )?;
+            for uid in uids {
+                st.execute(params![account, mailbox, uidvalidity, uid])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Rows of this mailbox under another UIDVALIDITY that carry a
+    /// Message-ID and a size: the candidates for re-keying after a change.
+    pub fn old_rows(&self, account: &str, mailbox: &str, current: u32) -> Result<Vec<OldRow>> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT uidvalidity, uid, message_id, size FROM message
+             WHERE account = ?1 AND mailbox = ?2 AND uidvalidity != ?3
+               AND message_id IS NOT NULL AND size IS NOT NULL",
+        )?;
+        let rows = st.query_map(params![account, mailbox, current], |r| {
+            Ok(OldRow {
+                uidvalidity: r.get(0)?,
+                uid: r.get(1)?,
+                message_id: r.get(2)?,
+                size: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Moves matched rows to the new UIDVALIDITY and UIDs, in one
+    /// transaction together with the new mailbox state, so that a crash
+    /// leaves either the old world or the new one. The `\Seen` flag is not
+    /// known to be on the renumbered message, so `flagged` is reset.
+    pub fn rekey(
+        &mut self,
+        account: &str,
+        mailbox: &str,
+        moves: &[(OldRow, u32)],
+        new_state: MailboxState,
+        now: i64,
+    ) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut st = tx.prepare_cached(
+                "UPDATE message SET uidvalidity = ?5, uid = ?6, flagged = 0, updated_at = ?7
+                 WHERE account = ?1 AND mailbox = ?2 AND uidvalidity = ?3 AND uid = ?4",
+            )?;
+            for (old, new_uid) in moves {
+                st.execute(params![
+                    account,
+                    mailbox,
+                    old.uidvalidity,
+                    old.uid,
+                    new_state.uidvalidity,
+                    new_uid,
+                    now
+                ])?;
+            }
+            tx.execute(
+                "INSERT INTO mailbox (account, mailbox, uidvalidity, watermark, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (account, mailbox) DO UPDATE SET
+                   uidvalidity = excluded.uidvalidity, watermark = excluded.watermark,
+                   updated_at = excluded.updated_at",
+                params![
+                    account,
+                    mailbox,
+                    new_state.uidvalidity,
+                    new_state.watermark,
+                    now
+                ],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Every message row, optionally of one account, in key order.
+    pub fn rows(&self, account: Option<&str>) -> Result<Vec<Row>> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT account, mailbox, uidvalidity, uid, message_id, size, state, attempts,
+                    last_reply, delivered_to, delivered_at, flagged
+             FROM message WHERE ?1 IS NULL OR account = ?1
+             ORDER BY account, mailbox, uidvalidity, uid",
+        )?;
+        let rows = st.query_map(params![account], |r| {
+            Ok(Row {
+                account: r.get(0)?,
+                mailbox: r.get(1)?,
+                uidvalidity: r.get(2)?,
+                uid: r.get(3)?,
+                message_id: r.get(4)?,
+                size: r.get(5)?,
+                state: r.get(6)?,
+                attempts: r.get(7)?,
+                last_reply: r.get(8)?,
+                delivered_to: split_rcpts(r.get(9)?),
+                delivered_at: r.get(10)?,
+                flagged: r.get::<_, i64>(11)? != 0,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+}
+
+/// A ledger shared by the tasks of one run; every call runs on the blocking
+/// pool.
+#[derive(Clone)]
+pub struct LedgerHandle(Arc<Mutex<Ledger>>);
+
+impl LedgerHandle {
+    pub fn new(l: Ledger) -> LedgerHandle {
+        LedgerHandle(Arc::new(Mutex::new(l)))
+    }
+
+    pub async fn call<R, F>(&self, f: F) -> Result<R>
+    where
+        F: FnOnce(&mut Ledger) -> Result<R> + Send + 'static,
+        R: Send + 'static,
+    {
+        let inner = self.0.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut l = inner.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut l)
+        })
+        .await
+        .context("ledger task panicked")?
+        .map_err(|e| e.context(LedgerFailure))
+    }
+}
+
+/// Marks an error as the ledger's: the run cannot go on without it.
+#[derive(Debug, thiserror::Error)]
+#[error("ledger failure")]
+pub struct LedgerFailure;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(uid: u32) -> MessageKey {
+        MessageKey {
+            account: "a".into(),
+            mailbox: "INBOX".into(),
+            uidvalidity: 7,
+            uid,
+        }
+    }
+
+    fn attempt(uid: u32, state: State, to: &[&str]) -> Attempt {
+        Attempt {
+            key: key(uid),
+            message_id: Some(format!("<{uid}@x>")),
+            size: 100,
+            internaldate: None,
+            state,
+            reply: "250 ok".into(),
+            delivered_to: to.iter().map(|s| s.to_string()).collect(),
+            now: 1000,
+        }
+    }
+
+    #[test]
+    fn record_upserts_and_counts_attempts() {
+        let dir = tempdir();
+        let l = Ledger::open(&dir.join("l.sqlite3")).unwrap();
+        l.record(&attempt(5, State::Deferred, &["x@y"])).unwrap();
+        assert_eq!(
+            l.pending("a", "INBOX", 7).unwrap(),
+            vec![Pending {
+                uid: 5,
+                delivered_to: vec!["x@y".into()]
+            }]
+        );
+        l.record(&attempt(5, State::Delivered, &["x@y", "z@y"]))
+            .unwrap();
+        let rows = l.rows(None).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].attempts, 2);
+        assert_eq!(rows[0].state, "delivered");
+        assert_eq!(rows[0].delivered_at, Some(1000));
+        assert!(l.pending("a", "INBOX", 7).unwrap().is_empty());
+        assert_eq!(l.unflagged("a", "INBOX", 7).unwrap(), vec![5]);
+    }
+
+    #[test]
+    fn reopen_keeps_schema_and_data() {
+        let dir = tempdir();
+        let p = dir.join("l.sqlite3");
+        Ledger::open(&p)
+            .unwrap()
+            .record(&attempt(1, State::Rejected, &[]))
+            .unwrap();
+        let l = Ledger::open(&p).unwrap();
+        assert_eq!(l.rows(Some("a")).unwrap().len(), 1);
+        assert!(l.rows(Some("b")).unwrap().is_empty());
+    }
+
+    #[test]
+    fn state_check_constraint() {
+        let dir = tempdir();
+        let l = Ledger::open(&dir.join("l.sqlite3")).unwrap();
+        let r = l.conn.execute(
+            "INSERT INTO message (account, mailbox, uidvalidity, uid, state, attempts,
+               first_seen_at, updated_at, flagged) VALUES ('a','b',1,1,'gone',0,0,0,0)",
+            [],
+        );
+        assert!(r.is_err());
+    }
+
+    fn tempdir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "imapull-ledger-test-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+}

@@ -1,0 +1,247 @@
+//! imapull: pull mail from IMAP mailboxes and deliver it to a local SMTP or
+//! LMTP server, with a crash-safe SQLite ledger.
+//!
+//! - [`config`]: the TOML file, as written and resolved;
+//! - [`imap`]: connecting and the IMAP commands a pass uses;
+//! - [`deliver`]: the SMTP/LMTP client and the wire encoding;
+//! - [`ledger`]: what has been done, in SQLite;
+//! - [`pull`]: one pass of one mailbox, as a fetch → deliver pipeline;
+//! - [`run_once`]: every account and mailbox once, as `imapull run` does.
+//!
+//! `main.rs` only parses arguments, sets up logging and maps the result to
+//! an exit code; everything else lives here, where the tests reach it.
+
+pub mod config;
+pub mod deliver;
+pub mod imap;
+pub mod ledger;
+pub mod lock;
+pub mod net;
+pub mod pull;
+pub mod secret;
+
+use std::sync::Arc;
+
+use anyhow::Result;
+use tracing::Instrument as _;
+
+use config::{Account, Config};
+use deliver::Deliverer;
+use ledger::{Ledger, LedgerHandle};
+use pull::{Ctx, PassReport};
+
+/// How many accounts one run works on at once. Each holds one IMAP and one
+/// delivery connection; four keeps a small relay's many mailboxes quick
+/// without opening a flood of connections to the local server.
+const PARALLEL_ACCOUNTS: usize = 4;
+
+/// sysexits(3) codes, used as documented in docs/operations.md.
+pub mod exit {
+    pub const OK: i32 = 0;
+    pub const USAGE: i32 = 64;
+    pub const DATAERR: i32 = 65;
+    pub const UNAVAILABLE: i32 = 69;
+    pub const SOFTWARE: i32 = 70;
+    pub const CANTCREAT: i32 = 73;
+    pub const TEMPFAIL: i32 = 75;
+    pub const NOPERM: i32 = 77;
+    pub const CONFIG: i32 = 78;
+}
+
+/// How one account's run ended.
+#[derive(Debug)]
+pub struct AccountResult {
+    pub account: String,
+    pub report: PassReport,
+    /// Why the account stopped early, with the exit code it maps to.
+    pub failure: Option<(i32, String)>,
+}
+
+impl AccountResult {
+    /// The exit code this account alone would give.
+    pub fn exit_code(&self) -> i32 {
+        if let Some((code, _)) = &self.failure {
+            return *code;
+        }
+        if self.report.rejected > 0 {
+            exit::DATAERR
+        } else if self.report.deferred > 0 || self.report.incomplete {
+            exit::TEMPFAIL
+        } else {
+            exit::OK
+        }
+    }
+}
+
+/// The exit code of a whole run: the most serious of its accounts'.
+pub fn run_exit_code(results: &[AccountResult]) -> i32 {
+    // Most serious first: a bug, a broken config, credentials, an
+    // unreachable server, a held lock, a quarantined message, a deferral.
+    const ORDER: [i32; 8] = [
+        exit::SOFTWARE,
+        exit::CONFIG,
+        exit::NOPERM,
+        exit::UNAVAILABLE,
+        exit::CANTCREAT,
+        exit::DATAERR,
+        exit::TEMPFAIL,
+        exit::OK,
+    ];
+    let codes: Vec<i32> = results.iter().map(AccountResult::exit_code).collect();
+    ORDER
+        .into_iter()
+        .find(|c| codes.contains(c))
+        .unwrap_or(exit::OK)
+}
+
+/// Seconds since the epoch from the system clock.
+pub fn system_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// One pass over the named accounts (all when `only` is empty).
+pub async fn run_once(
+    config: &Config,
+    only: &[String],
+    now: Arc<dyn Fn() -> i64 + Send + Sync>,
+) -> Result<Vec<AccountResult>> {
+    for name in only {
+        if config.account(name).is_none() {
+            anyhow::bail!(
+                "no account {name:?} in {} (known: {})",
+                config.path.display(),
+                config
+                    .accounts
+                    .iter()
+                    .map(|a| a.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+    }
+    let ledger = {
+        let path = config.ledger.clone();
+        tokio::task::spawn_blocking(move || Ledger::open(&path)).await??
+    };
+    let ledger = LedgerHandle::new(ledger);
+    let accounts: Vec<&Account> = config
+        .accounts
+        .iter()
+        .filter(|a| only.is_empty() || only.contains(&a.name))
+        .collect();
+    let gate = Arc::new(tokio::sync::Semaphore::new(PARALLEL_ACCOUNTS));
+    let runs = accounts.into_iter().map(|a| {
+        let gate = gate.clone();
+        let ledger = ledger.clone();
+        let now = now.clone();
+        let span = tracing::info_span!("account", name = %a.name);
+        async move {
+            let _permit = gate.acquire().await;
+            run_account(config, a, ledger, now).await
+        }
+        .instrument(span)
+    });
+    Ok(futures_util::future::join_all(runs).await)
+}
+
+async fn run_account(
+    config: &Config,
+    account: &Account,
+    ledger: LedgerHandle,
+    now: Arc<dyn Fn() -> i64 + Send + Sync>,
+) -> AccountResult {
+    let mut result = AccountResult {
+        account: account.name.clone(),
+        report: PassReport::default(),
+        failure: None,
+    };
+    let _lock = match lock::try_lock(&config.ledger, &account.name) {
+        Ok(l) => l,
+        Err(e) => {
+            let code = if e.downcast_ref::<lock::Busy>().is_some() {
+                exit::CANTCREAT
+            } else {
+                exit::SOFTWARE
+            };
+            tracing::error!("{e:#}");
+            result.failure = Some((code, format!("{e:#}")));
+            return result;
+        }
+    };
+    let mut imap = match imap::Imap::connect(account).await {
+        Ok(i) => i,
+        Err(e) => {
+            let code = match e {
+                imap::ConnectError::Auth(_) => exit::NOPERM,
+                imap::ConnectError::Unavailable(_) => exit::UNAVAILABLE,
+            };
+            tracing::error!("{e}");
+            result.failure = Some((code, e.to_string()));
+            return result;
+        }
+    };
+    let mut deliverer = Deliverer::new(
+        account.deliver.clone(),
+        account.ehlo.clone(),
+        account.deliver_timeout,
+    );
+    let now_fn = move || now();
+    let ctx = Ctx {
+        account,
+        ledger,
+        now: &now_fn,
+    };
+    for mailbox in &account.mailboxes {
+        let span = tracing::info_span!("mailbox", name = %mailbox);
+        let started = std::time::Instant::now();
+        let mut r = PassReport::default();
+        let outcome = pull::pass(&ctx, &mut imap, &mut deliverer, mailbox, &mut r)
+            .instrument(span.clone())
+            .await;
+        span.in_scope(|| log_summary(&r, started));
+        result.report.add(&r);
+        match outcome {
+            Ok(()) => {}
+            Err(e) => {
+                let is_ledger = e.downcast_ref::<ledger::LedgerFailure>().is_some();
+                span.in_scope(|| tracing::error!("pass failed: {e:#}"));
+                result.report.incomplete = true;
+                let code = if is_ledger {
+                    exit::SOFTWARE
+                } else {
+                    exit::UNAVAILABLE
+                };
+                result
+                    .failure
+                    .get_or_insert((code, format!("{mailbox}: {e:#}")));
+                if is_ledger {
+                    break;
+                }
+            }
+        }
+    }
+    deliverer.quit().await;
+    imap.logout().await;
+    result
+}
+
+fn log_summary(r: &PassReport, started: std::time::Instant) {
+    let secs = started.elapsed().as_secs_f64();
+    if r.delivered + r.deferred + r.rejected + r.skipped + r.vanished == 0 {
+        tracing::info!(elapsed = format!("{secs:.2}s"), "pass done: nothing new");
+    } else {
+        tracing::info!(
+            delivered = r.delivered,
+            deferred = r.deferred,
+            rejected = r.rejected,
+            skipped = r.skipped,
+            vanished = r.vanished,
+            complete = !r.incomplete,
+            elapsed = format!("{secs:.2}s"),
+            "pass done"
+        );
+    }
+}

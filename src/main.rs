@@ -1,0 +1,175 @@
+//! The command line: arguments, logging, exit codes. Everything else is in
+//! the library.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use imapull::config::{default_config_path, Config};
+use imapull::exit;
+
+#[derive(Parser)]
+#[command(
+    name = "imapull",
+    version,
+    about = "Pull mail from IMAP mailboxes into a local SMTP/LMTP server"
+)]
+struct Cli {
+    /// The configuration file (default: $IMAPULL_CONFIG, then
+    /// /etc/imapull/imapull.toml as root, else ~/.config/imapull/imapull.toml).
+    #[arg(short, long, global = true)]
+    config: Option<PathBuf>,
+    /// More output: -v debug, -vv trace (protocol lines; never passwords).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Only warnings and errors.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// One pass over every configured account (or the ones named), then exit.
+    Run {
+        /// Account names from the config; all when none is given.
+        accounts: Vec<String>,
+    },
+    /// Print the ledger: one line per message imapull has acted on.
+    Status {
+        /// Only this account.
+        account: Option<String>,
+    },
+    /// Check the configuration file and print the accounts it defines.
+    Check,
+}
+
+fn main() {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            };
+            let _ = e.print();
+            std::process::exit(code);
+        }
+    };
+    init_logging(cli.verbose, cli.quiet);
+    std::process::exit(real_main(cli));
+}
+
+fn init_logging(verbose: u8, quiet: bool) {
+    use tracing_subscriber::EnvFilter;
+    let level = match (quiet, verbose) {
+        (true, _) => "warn",
+        (_, 0) => "info",
+        (_, 1) => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_env("IMAPULL_LOG").unwrap_or_else(|_| EnvFilter::new(level));
+    // async-imap logs every command verbatim at trace level, LOGIN with its
+    // password included: it is capped whatever the user asked for.
+    let filter = filter.add_directive("async_imap=info".parse().expect("static directive"));
+    // Under systemd the journal adds its own timestamps.
+    let under_journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    if under_journal {
+        builder.without_time().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn real_main(cli: Cli) -> i32 {
+    let Some(path) = cli.config.or_else(default_config_path) else {
+        eprintln!("imapull: no configuration file: use --config FILE or set IMAPULL_CONFIG");
+        return exit::CONFIG;
+    };
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("imapull: {e}");
+            return exit::CONFIG;
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("imapull: cannot start the runtime: {e}");
+            return exit::SOFTWARE;
+        }
+    };
+    match cli.command {
+        Command::Check => {
+            for a in &config.accounts {
+                println!(
+                    "{}: {}@{}:{} ({:?}) mailboxes {:?} -> {} for {}",
+                    a.name,
+                    a.username,
+                    a.host,
+                    a.port,
+                    a.tls,
+                    a.mailboxes,
+                    a.deliver,
+                    a.recipients.join(", ")
+                );
+            }
+            println!("ledger: {}", config.ledger.display());
+            exit::OK
+        }
+        Command::Status { account } => match status(&config, account.as_deref()) {
+            Ok(()) => exit::OK,
+            Err(e) => {
+                eprintln!("imapull: {e:#}");
+                exit::SOFTWARE
+            }
+        },
+        Command::Run { accounts } => {
+            let now: Arc<dyn Fn() -> i64 + Send + Sync> = Arc::new(imapull::system_now);
+            match rt.block_on(imapull::run_once(&config, &accounts, now)) {
+                Ok(results) => imapull::run_exit_code(&results),
+                Err(e) => {
+                    eprintln!("imapull: {e:#}");
+                    if format!("{e}").starts_with("no account") {
+                        exit::USAGE
+                    } else {
+                        exit::SOFTWARE
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn status(config: &Config, account: Option<&str>) -> anyhow::Result<()> {
+    let ledger = imapull::ledger::Ledger::open(&config.ledger)?;
+    println!(
+        "{:<12} {:<16} {:>10} {:>7} {:<10} {:>3} reply / Message-ID",
+        "account", "mailbox", "uidvalid", "uid", "state", "try"
+    );
+    for r in ledger.rows(account)? {
+        println!(
+            "{:<12} {:<16} {:>10} {:>7} {:<10} {:>3} {} {}",
+            r.account,
+            r.mailbox,
+            r.uidvalidity,
+            r.uid,
+            r.state,
+            r.attempts,
+            r.last_reply.as_deref().unwrap_or("-"),
+            r.message_id.as_deref().unwrap_or("")
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,616 @@
+//! One pass over one mailbox: select, find new mail, fetch, deliver, record,
+//! flag.
+//!
+//! The pass is a pipeline: the FETCH stream feeds a bounded channel and the
+//! delivery session drains it, so fetching message n+1 overlaps delivering
+//! message n, and memory holds at most [`PIPELINE_DEPTH`] messages whatever
+//! the size of the mailbox. Each outcome is committed to the ledger right
+//! after the local server's reply; `\Seen` flags follow in batches once the
+//! FETCH is done. The watermark advances only when every message below the
+//! new UIDNEXT has a ledger row, so a pass cut short never skips anything.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use anyhow::{anyhow, Context as _, Result};
+use async_imap::types::Fetch;
+use futures_util::StreamExt as _;
+
+use crate::config::{Account, Initial, SenderPolicy};
+use crate::deliver::{headers, Deliverer, Envelope, Outcome};
+use crate::imap::{uid_sets, Imap, FETCH_ITEMS};
+use crate::ledger::{Attempt, LedgerHandle, MailboxState, MessageKey, OldRow, State};
+use crate::net::timed;
+
+/// Messages fetched but not yet delivered. Two keep the delivery session
+/// busy while the next message arrives; more would only cost memory.
+pub const PIPELINE_DEPTH: usize = 2;
+
+/// What a pass did, for the summary line and the exit code.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PassReport {
+    pub delivered: u32,
+    pub deferred: u32,
+    pub rejected: u32,
+    pub skipped: u32,
+    pub vanished: u32,
+    /// The pass stopped before the end (too many deferrals, IMAP trouble).
+    pub incomplete: bool,
+}
+
+impl PassReport {
+    pub fn add(&mut self, o: &PassReport) {
+        self.delivered += o.delivered;
+        self.deferred += o.deferred;
+        self.rejected += o.rejected;
+        self.skipped += o.skipped;
+        self.vanished += o.vanished;
+        self.incomplete |= o.incomplete;
+    }
+}
+
+/// Everything a pass needs besides the two sessions.
+pub struct Ctx<'a> {
+    pub account: &'a Account,
+    pub ledger: LedgerHandle,
+    /// Seconds since the epoch; injected so tests can move time.
+    pub now: &'a (dyn Fn() -> i64 + Sync),
+}
+
+/// Runs one pass of `mailbox`. An `Err` means the IMAP side failed; what was
+/// delivered before that is recorded and stays recorded.
+pub async fn pass(
+    ctx: &Ctx<'_>,
+    imap: &mut Imap,
+    deliverer: &mut Deliverer,
+    mailbox: &str,
+    report: &mut PassReport,
+) -> Result<()> {
+    let acct = ctx.account.name.clone();
+    let mb = mailbox.to_string();
+    let sel = imap.select(mailbox).await?;
+
+    let state = {
+        let (a, m) = (acct.clone(), mb.clone());
+        ctx.ledger.call(move |l| l.mailbox_state(&a, &m)).await?
+    };
+    let state = match state {
+        None => match first_contact(ctx, imap, mailbox, sel, report).await? {
+            Some(s) => s,
+            None => return Ok(()),
+        },
+        Some(s) if s.uidvalidity != sel.uidvalidity => {
+            resync(
+                ctx,
+                imap,
+                mailbox,
+                s.uidvalidity,
+                sel.uidvalidity,
+                sel.exists,
+            )
+            .await?
+        }
+        Some(s) => s,
+    };
+    let uv = sel.uidvalidity;
+
+    // Flags a crash or a lost connection left unstored.
+    if ctx.account.mark_seen {
+        let (a, m) = (acct.clone(), mb.clone());
+        let unflagged = ctx.ledger.call(move |l| l.unflagged(&a, &m, uv)).await?;
+        store_seen(ctx, imap, mailbox, uv, &unflagged).await?;
+    }
+
+    let pending = {
+        let (a, m) = (acct.clone(), mb.clone());
+        ctx.ledger.call(move |l| l.pending(&a, &m, uv)).await?
+    };
+    if sel.uidnext <= state.watermark && pending.is_empty() {
+        tracing::debug!(mailbox, "nothing new (UIDNEXT {})", sel.uidnext);
+        return Ok(());
+    }
+    let new: Vec<u32> = if sel.exists == 0 || sel.uidnext <= state.watermark {
+        vec![]
+    } else {
+        let found = imap.search(&format!("UID {}:*", state.watermark)).await?;
+        let (a, m, w) = (acct.clone(), mb.clone(), state.watermark);
+        let known = ctx
+            .ledger
+            .call(move |l| l.known_uids_from(&a, &m, uv, w))
+            .await?;
+        found
+            .into_iter()
+            .filter(|u| *u >= state.watermark && !known.contains(u))
+            .collect()
+    };
+    let already: HashMap<u32, Vec<String>> = pending
+        .iter()
+        .map(|p| (p.uid, p.delivered_to.clone()))
+        .collect();
+    let retry: Vec<u32> = pending.iter().map(|p| p.uid).collect();
+    tracing::debug!(mailbox, retry = retry.len(), new = new.len(), "fetching");
+
+    let outcome = fetch_and_deliver(
+        ctx,
+        imap,
+        deliverer,
+        mailbox,
+        uv,
+        &[retry.clone(), new.clone()],
+        &already,
+        report,
+    )
+    .await;
+    let (attempted, to_flag, stopped_early, fetch_error) = outcome?;
+
+    // Every requested UID either came back or is gone from the server;
+    // anything else is a FETCH that failed part-way.
+    let mut missing_error = None;
+    if !stopped_early && fetch_error.is_none() {
+        let missing: Vec<u32> = retry
+            .iter()
+            .chain(&new)
+            .copied()
+            .filter(|u| !attempted.contains(u))
+            .collect();
+        if !missing.is_empty() {
+            let mut still_there = BTreeSet::new();
+            for set in uid_sets(&missing) {
+                still_there.extend(imap.search(&format!("UID {set}")).await?);
+            }
+            let gone: Vec<u32> = missing
+                .iter()
+                .copied()
+                .filter(|u| !still_there.contains(u))
+                .collect();
+            let vanished: Vec<u32> = gone
+                .iter()
+                .copied()
+                .filter(|u| already.contains_key(u))
+                .collect();
+            if !vanished.is_empty() {
+                tracing::warn!(
+                    mailbox,
+                    ?vanished,
+                    "deferred messages disappeared from the server before they could be retried"
+                );
+                report.vanished += vanished.len() as u32;
+                let (a, m, now) = (acct.clone(), mb.clone(), (ctx.now)());
+                ctx.ledger
+                    .call(move |l| l.mark_vanished(&a, &m, uv, &vanished, now))
+                    .await?;
+            }
+            if !still_there.is_empty() {
+                missing_error = Some(anyhow!(
+                    "{} did not return {} requested message(s) (UIDs {}); they stay on the server and are tried next pass",
+                    imap.peer,
+                    still_there.len(),
+                    uid_sets(&still_there.into_iter().collect::<Vec<_>>()).join(",")
+                ));
+            }
+        }
+    }
+
+    store_seen(ctx, imap, mailbox, uv, &to_flag).await?;
+
+    if let Some(e) = fetch_error.or(missing_error) {
+        report.incomplete = true;
+        return Err(e);
+    }
+    if stopped_early {
+        report.incomplete = true;
+    } else {
+        let (a, m, now) = (acct.clone(), mb.clone(), (ctx.now)());
+        let st = MailboxState {
+            uidvalidity: uv,
+            watermark: sel.uidnext,
+        };
+        ctx.ledger
+            .call(move |l| l.set_mailbox_state(&a, &m, st, now))
+            .await?;
+    }
+    Ok(())
+}
+
+type Fetched = (HashSet<u32>, Vec<u32>, bool, Option<anyhow::Error>);
+
+#[allow(clippy::too_many_arguments)]
+async fn fetch_and_deliver(
+    ctx: &Ctx<'_>,
+    imap: &mut Imap,
+    deliverer: &mut Deliverer,
+    mailbox: &str,
+    uv: u32,
+    groups: &[Vec<u32>],
+    already: &HashMap<u32, Vec<String>>,
+    report: &mut PassReport,
+) -> Result<Fetched> {
+    let wanted: HashSet<u32> = groups.iter().flatten().copied().collect();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Fetch>(PIPELINE_DEPTH);
+    let peer = imap.peer.clone();
+    let limit = imap.timeout;
+
+    let fetch_side = {
+        let imap = &mut *imap;
+        let wanted = &wanted;
+        async move {
+            let mut receiver_gone = false;
+            for group in groups {
+                for set in uid_sets(group) {
+                    let mut stream = imap.fetch(&set, FETCH_ITEMS).await?;
+                    loop {
+                        let item = timed(&peer, limit, async {
+                            Ok::<_, anyhow::Error>(stream.next().await)
+                        })
+                        .await?;
+                        let f = match item {
+                            None => break,
+                            Some(r) => r.with_context(|| format!("UID FETCH from {peer}"))?,
+                        };
+                        // Unsolicited FETCHes (another client's flag change)
+                        // carry no body; they are not ours.
+                        let ours = f.uid.is_some_and(|u| wanted.contains(&u)) && f.body().is_some();
+                        if ours && !receiver_gone && tx.send(f).await.is_err() {
+                            // Delivery stopped; drain the rest of the
+                            // response so the connection stays usable.
+                            receiver_gone = true;
+                        }
+                    }
+                }
+                if receiver_gone {
+                    break;
+                }
+            }
+            drop(tx);
+            // A stream that ended because the connection dropped looks like
+            // a normal end: ask the server something to tell them apart.
+            imap.noop().await?;
+            Ok::<_, anyhow::Error>(())
+        }
+    };
+
+    let deliver_side = async {
+        let mut attempted = HashSet::new();
+        let mut to_flag = Vec::new();
+        let mut consecutive_deferrals = 0u32;
+        let mut stopped = false;
+        while let Some(f) = rx.recv().await {
+            let uid = f.uid.expect("checked by the fetch side");
+            let body = f.body().expect("checked by the fetch side");
+            let outcome = deliver_one(ctx, deliverer, mailbox, uv, uid, &f, body, already).await?;
+            attempted.insert(uid);
+            match outcome {
+                Outcome::Delivered => {
+                    report.delivered += 1;
+                    consecutive_deferrals = 0;
+                    if ctx.account.mark_seen {
+                        to_flag.push(uid);
+                    }
+                }
+                Outcome::Rejected => {
+                    report.rejected += 1;
+                    consecutive_deferrals = 0;
+                }
+                Outcome::Deferred => {
+                    report.deferred += 1;
+                    consecutive_deferrals += 1;
+                    if consecutive_deferrals >= ctx.account.max_deferrals {
+                        tracing::warn!(
+                            mailbox,
+                            "{consecutive_deferrals} deliveries in a row deferred by {}; \
+                             stopping this pass, the rest stays on the server",
+                            deliverer.target()
+                        );
+                        stopped = true;
+                        break;
+                    }
+                }
+            }
+        }
+        drop(rx);
+        Ok::<_, anyhow::Error>((attempted, to_flag, stopped))
+    };
+
+    let (fetched, delivered) = tokio::join!(fetch_side, deliver_side);
+    // A ledger failure is fatal: nothing more may be delivered unrecorded.
+    let (attempted, to_flag, stopped) = delivered?;
+    Ok((attempted, to_flag, stopped, fetched.err()))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn deliver_one(
+    ctx: &Ctx<'_>,
+    deliverer: &mut Deliverer,
+    mailbox: &str,
+    uv: u32,
+    uid: u32,
+    f: &Fetch,
+    body: &[u8],
+    already: &HashMap<u32, Vec<String>>,
+) -> Result<Outcome> {
+    let a = ctx.account;
+    let done: &[String] = already.get(&uid).map(Vec::as_slice).unwrap_or(&[]);
+    let recipients: Vec<String> = a
+        .recipients
+        .iter()
+        .filter(|r| !done.contains(r))
+        .cloned()
+        .collect();
+    let sender = match &a.sender {
+        SenderPolicy::Auto => headers::envelope_sender(body),
+        SenderPolicy::Fixed(s) => s.clone(),
+    };
+    let message_id = headers::message_id(body);
+    let now = (ctx.now)();
+    let prefix = if a.add_received {
+        received_header(a, mailbox, uv, uid, now)
+    } else {
+        Vec::new()
+    };
+    let d = if recipients.is_empty() {
+        // Every recipient already has it (a crash after the last LMTP
+        // reply): nothing to send.
+        crate::deliver::Delivery {
+            outcome: Outcome::Delivered,
+            reply: "every recipient had already accepted it".into(),
+            accepted: vec![],
+        }
+    } else {
+        deliverer
+            .deliver(
+                &Envelope {
+                    sender: sender.clone(),
+                    recipients,
+                },
+                &prefix,
+                body,
+            )
+            .await
+    };
+    let mut delivered_to = done.to_vec();
+    delivered_to.extend(d.accepted.iter().cloned());
+    let state = match d.outcome {
+        Outcome::Delivered => State::Delivered,
+        Outcome::Deferred => State::Deferred,
+        Outcome::Rejected => State::Rejected,
+    };
+    let attempt = Attempt {
+        key: MessageKey {
+            account: a.name.clone(),
+            mailbox: mailbox.to_string(),
+            uidvalidity: uv,
+            uid,
+        },
+        message_id: message_id.clone(),
+        size: body.len() as u64,
+        internaldate: f.internal_date().map(|d| d.to_rfc3339()),
+        state,
+        reply: d.reply.clone(),
+        delivered_to,
+        now,
+    };
+    ctx.ledger
+        .call(move |l| l.record(&attempt))
+        .await
+        .context("recording a delivery in the ledger")?;
+    let mid = message_id.as_deref().unwrap_or("-");
+    match d.outcome {
+        Outcome::Delivered => tracing::info!(
+            mailbox,
+            uid,
+            size = body.len(),
+            message_id = mid,
+            sender,
+            reply = d.reply,
+            "delivered"
+        ),
+        Outcome::Deferred => tracing::warn!(
+            mailbox,
+            uid,
+            size = body.len(),
+            message_id = mid,
+            sender,
+            reply = d.reply,
+            "deferred"
+        ),
+        Outcome::Rejected => tracing::error!(
+            mailbox,
+            uid,
+            size = body.len(),
+            message_id = mid,
+            sender,
+            reply = d.reply,
+            "rejected (quarantined)"
+        ),
+    }
+    Ok(d.outcome)
+}
+
+/// A trace header naming where the message came from (RFC 5321 section
+/// 4.4 style). Only printable ASCII from the config goes in.
+fn received_header(a: &Account, mailbox: &str, uv: u32, uid: u32, now: i64) -> Vec<u8> {
+    let clean = |s: &str| -> String {
+        s.chars()
+            .filter(|c| c.is_ascii_graphic() && !matches!(c, '(' | ')' | '\\' | ';'))
+            .collect()
+    };
+    let date = chrono::DateTime::from_timestamp(now, 0)
+        .unwrap_or_default()
+        .to_rfc2822();
+    format!(
+        "Received: from {host} by {by} with IMAP (imapull {v})\r\n\
+         \tid {uv}.{uid} (account {acct}, mailbox {mb}); {date}\r\n",
+        host = clean(&a.host),
+        by = clean(&a.ehlo),
+        v = env!("CARGO_PKG_VERSION"),
+        acct = clean(&a.name),
+        mb = clean(&crate::imap::utf7::encode(mailbox)),
+    )
+    .into_bytes()
+}
+
+async fn store_seen(
+    ctx: &Ctx<'_>,
+    imap: &mut Imap,
+    mailbox: &str,
+    uv: u32,
+    uids: &[u32],
+) -> Result<()> {
+    if uids.is_empty() {
+        return Ok(());
+    }
+    imap.add_seen(uids).await?;
+    let (a, m, u) = (ctx.account.name.clone(), mailbox.to_string(), uids.to_vec());
+    ctx.ledger
+        .call(move |l| l.mark_flagged(&a, &m, uv, &u))
+        .await
+}
+
+/// A mailbox never seen before. Returns the state to continue from, or None
+/// when the pass is done (`initial = "none"`).
+async fn first_contact(
+    ctx: &Ctx<'_>,
+    imap: &mut Imap,
+    mailbox: &str,
+    sel: crate::imap::Selected,
+    report: &mut PassReport,
+) -> Result<Option<MailboxState>> {
+    let (a, m, now) = (ctx.account.name.clone(), mailbox.to_string(), (ctx.now)());
+    let uv = sel.uidvalidity;
+    let initial = ctx.account.initial;
+    tracing::info!(mailbox, ?initial, "first pass of this mailbox");
+    if initial == Initial::None {
+        let st = MailboxState {
+            uidvalidity: uv,
+            watermark: sel.uidnext,
+        };
+        ctx.ledger
+            .call(move |l| l.set_mailbox_state(&a, &m, st, now))
+            .await?;
+        return Ok(None);
+    }
+    if initial == Initial::Unseen && sel.exists > 0 {
+        let all = imap.search("ALL").await?;
+        let unseen = imap.search("UNSEEN").await?;
+        let seen: Vec<u32> = all.difference(&unseen).copied().collect();
+        // Message-ID and size are kept so that a later UIDVALIDITY change
+        // can recognise these too.
+        let mut rows = Vec::with_capacity(seen.len());
+        for set in uid_sets(&seen) {
+            let peer = imap.peer.clone();
+            let limit = imap.timeout;
+            let mut stream = imap
+                .fetch(&set, "(UID RFC822.SIZE BODY.PEEK[HEADER])")
+                .await?;
+            while let Some(f) = timed(&peer, limit, async {
+                Ok::<_, anyhow::Error>(stream.next().await)
+            })
+            .await?
+            {
+                let f = f?;
+                if let Some(uid) = f.uid.filter(|u| seen.binary_search(u).is_ok()) {
+                    rows.push((
+                        uid,
+                        f.header().and_then(headers::message_id),
+                        f.size.map(u64::from),
+                    ));
+                }
+            }
+        }
+        // Any seen message the header fetch missed is still recorded, so
+        // that it is not mistaken for new mail.
+        let got: HashSet<u32> = rows.iter().map(|r| r.0).collect();
+        rows.extend(
+            seen.iter()
+                .filter(|u| !got.contains(u))
+                .map(|u| (*u, None, None)),
+        );
+        report.skipped = rows.len() as u32;
+        tracing::info!(
+            mailbox,
+            skipped = rows.len(),
+            "already-read messages recorded as skipped"
+        );
+        let (a, m) = (a.clone(), m.clone());
+        ctx.ledger
+            .call(move |l| l.record_skipped(&a, &m, uv, &rows, now))
+            .await?;
+    }
+    let st = MailboxState {
+        uidvalidity: uv,
+        watermark: 1,
+    };
+    ctx.ledger
+        .call(move |l| l.set_mailbox_state(&a, &m, st, now))
+        .await?;
+    Ok(Some(st))
+}
+
+/// UIDVALIDITY changed: match the mailbox's messages to ledger rows by
+/// Message-ID and size, re-key the matches, and let the rest count as new.
+async fn resync(
+    ctx: &Ctx<'_>,
+    imap: &mut Imap,
+    mailbox: &str,
+    old_uv: u32,
+    new_uv: u32,
+    exists: u32,
+) -> Result<MailboxState> {
+    let (a, m, now) = (ctx.account.name.clone(), mailbox.to_string(), (ctx.now)());
+    let mut remote: HashMap<(String, i64), Vec<u32>> = HashMap::new();
+    let mut total = 0usize;
+    if exists > 0 {
+        let peer = imap.peer.clone();
+        let limit = imap.timeout;
+        let mut stream = imap
+            .fetch("1:*", "(UID RFC822.SIZE BODY.PEEK[HEADER])")
+            .await?;
+        while let Some(f) = timed(&peer, limit, async {
+            Ok::<_, anyhow::Error>(stream.next().await)
+        })
+        .await?
+        {
+            let f = f?;
+            let (Some(uid), Some(size)) = (f.uid, f.size) else {
+                continue;
+            };
+            total += 1;
+            if let Some(mid) = f.header().and_then(headers::message_id) {
+                remote.entry((mid, size as i64)).or_default().push(uid);
+            }
+        }
+        drop(stream);
+        imap.noop().await?;
+    }
+    let old = {
+        let (a, m) = (a.clone(), m.clone());
+        ctx.ledger.call(move |l| l.old_rows(&a, &m, new_uv)).await?
+    };
+    let mut moves: Vec<(OldRow, u32)> = Vec::new();
+    for row in old {
+        if let Some(uids) = remote.get_mut(&(row.message_id.clone(), row.size)) {
+            if !uids.is_empty() {
+                let uid = uids.remove(0);
+                moves.push((row, uid));
+            }
+        }
+    }
+    let matched = moves.len();
+    let st = MailboxState {
+        uidvalidity: new_uv,
+        watermark: 1,
+    };
+    ctx.ledger
+        .call(move |l| l.rekey(&a, &m, &moves, st, now))
+        .await?;
+    tracing::warn!(
+        mailbox,
+        old_uidvalidity = old_uv,
+        new_uidvalidity = new_uv,
+        matched,
+        new = total - matched,
+        "UIDVALIDITY changed: {matched} message(s) matched the ledger by Message-ID and size \
+         and are not delivered again; {} treated as new",
+        total - matched
+    );
+    Ok(st)
+}
