@@ -5,14 +5,14 @@
 #                                  (SMTP into Maildirs) from configs under DIR,
 #                                  on free 127.0.0.1 ports; writes DIR/env
 #   scripts/testenv.sh stop DIR    stop both, by the PIDs recorded under DIR
-#   scripts/testenv.sh adduser DIR NAME   create a mail user (password "secret")
+#   scripts/testenv.sh adduser DIR NAME   create the home of a listed user
 #
 # Nothing outside DIR is touched: no system service is started or stopped.
 # DIR/env holds shell assignments: IMAP_PORT IMAPS_PORT LMTP_PORT SMTP_PORT
 # CA_FILE DOVECOT_CONF POSTFIX_DIR VMAIL HOMES.
 #
-# Users: Dovecot knows the users listed in DIR/dovecot/users (password
-# "secret", mail in DIR/home/NAME/Maildir). Postfix delivers NAME@example.test
+# Users: Dovecot knows demo and u0..u299 (password "secret", mail in
+# DIR/home/NAME/Maildir). Postfix delivers NAME@example.test
 # to DIR/vmail/NAME/Maildir for NAME in demo, carol, dave, erin, t0..t299. In Postfix, envelope senders starting with
 # "reject5" get 554 and "defer4" get 450 (see sender_access), for the tests.
 set -euo pipefail
@@ -51,8 +51,10 @@ adduser() {
     local name=$1
     mkdir -p "$dir/home/$name"
     chown nobody:nogroup "$dir/home/$name"
-    grep -q "^$name:" "$dir/dovecot/users" 2>/dev/null ||
-        echo "$name:{PLAIN}secret:65534:65534::$dir/home/$name::" >> "$dir/dovecot/users"
+    if ! grep -q "^$name:" "$dir/dovecot/users"; then
+        echo "testenv: $name is not a listed user (demo, u0..u299)" >&2
+        exit 1
+    fi
 }
 
 start() {
@@ -80,7 +82,12 @@ start() {
     local imap imaps lmtp smtp
     imap=$(free_port); imaps=$(free_port); lmtp=$(free_port); smtp=$(free_port)
 
-    touch "$dir/dovecot/users"
+    # Users are listed up front: Dovecot notices a changed passwd-file by
+    # its mtime, which misses a second change within the same second.
+    : > "$dir/dovecot/users"
+    for u in demo $(seq -f 'u%g' 0 299); do
+        echo "$u:{PLAIN}secret:65534:65534::$dir/home/$u::" >> "$dir/dovecot/users"
+    done
     cat > "$dir/dovecot/dovecot.conf" <<CONF
 base_dir = $dir/dovecot/run
 state_dir = $dir/dovecot/state
@@ -128,6 +135,7 @@ protocol imap {
 }
 namespace inbox {
   inbox = yes
+  separator = /
   mailbox Trash {
     special_use = \\Trash
   }
@@ -168,6 +176,9 @@ maillog_file_prefixes = $pf
 biff = no
 # Keep delivered bytes comparable: no Date:/Message-ID: added for us.
 local_header_rewrite_clients =
+# Postfix drops Return-Path from incoming mail by default; the tests compare
+# every byte imapull sent, so only the defaults that never occur here stay.
+message_drop_headers = bcc, content-length, resent-bcc
 # Nothing leaves this machine: mail for other domains fails at once.
 default_transport = error:this test Postfix delivers only to example.test
 CONF
@@ -216,8 +227,14 @@ VMAIL=$dir/vmail
 HOMES=$dir/home
 ENV
 
-    dovecot -c "$dir/dovecot/dovecot.conf"
-    if ! postfix -c "$pf" start >/dev/null 2>&1; then
+    # The daemons must not hold the caller's stdout/stderr open: a caller
+    # that reads them to EOF would wait for as long as the servers run.
+    if ! dovecot -c "$dir/dovecot/dovecot.conf" </dev/null >"$dir/dovecot/start.log" 2>&1; then
+        echo "testenv: Dovecot did not start:" >&2
+        cat "$dir/dovecot/start.log" >&2
+        exit 1
+    fi
+    if ! postfix -c "$pf" start </dev/null >/dev/null 2>&1; then
         echo "testenv: Postfix did not start; its log:" >&2
         tail -n 20 "$pf/maillog" >&2 2>/dev/null || true
         exit 1

@@ -157,6 +157,9 @@ pub async fn pass(
             for set in uid_sets(&missing) {
                 still_there.extend(imap.search(&format!("UID {set}")).await?);
             }
+            // A server may answer with more than was asked (`UID n:*`
+            // always matches the last message); only the missing count.
+            still_there.retain(|u| missing.contains(u));
             let gone: Vec<u32> = missing
                 .iter()
                 .copied()

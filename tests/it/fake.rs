@@ -1,0 +1,277 @@
+//! Scripted servers for faults real servers will not produce on demand: an
+//! SMTP server that answers 4xx/5xx for chosen messages, and an IMAP server
+//! that misbehaves in set ways. Each runs on its own thread, on a free
+//! 127.0.0.1 port, and stops when the test drops it.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// One message as the fake SMTP server received it.
+#[derive(Debug, Clone)]
+pub struct Got {
+    pub sender: String,
+    pub recipients: Vec<String>,
+    /// The DATA bytes, still dot-stuffed, without the final ".\r\n".
+    pub data: Vec<u8>,
+}
+
+type Decide = dyn Fn(usize, &Got) -> String + Send + Sync;
+
+pub struct FakeSmtp {
+    pub port: u16,
+    pub got: Arc<Mutex<Vec<Got>>>,
+    pub connections: Arc<AtomicU32>,
+    stop: Arc<AtomicBool>,
+}
+
+impl FakeSmtp {
+    /// `decide(n, msg)` gives the reply after DATA for the n-th message
+    /// (from 0), e.g. "250 ok" or "451 later". Messages answered 2xx are kept.
+    pub fn start(decide: impl Fn(usize, &Got) -> String + Send + Sync + 'static) -> FakeSmtp {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let connections = Arc::new(AtomicU32::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let decide: Arc<Decide> = Arc::new(decide);
+        let counter = Arc::new(AtomicU32::new(0));
+        {
+            let (got, connections, stop) = (got.clone(), connections.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    match listener.accept() {
+                        Ok((s, _)) => {
+                            connections.fetch_add(1, Ordering::SeqCst);
+                            let (got, decide, counter) =
+                                (got.clone(), decide.clone(), counter.clone());
+                            std::thread::spawn(move || {
+                                let _ = smtp_session(s, &got, &*decide, &counter);
+                            });
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                    }
+                }
+            });
+        }
+        FakeSmtp {
+            port,
+            got,
+            connections,
+            stop,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("smtp://127.0.0.1:{}", self.port)
+    }
+
+    pub fn messages(&self) -> Vec<Got> {
+        self.got.lock().unwrap().clone()
+    }
+}
+
+impl Drop for FakeSmtp {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+fn smtp_session(
+    s: TcpStream,
+    got: &Mutex<Vec<Got>>,
+    decide: &Decide,
+    counter: &AtomicU32,
+) -> std::io::Result<()> {
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut w = s.try_clone()?;
+    let mut r = BufReader::new(s);
+    w.write_all(b"220 fake ESMTP\r\n")?;
+    let mut cur = Got {
+        sender: String::new(),
+        recipients: vec![],
+        data: vec![],
+    };
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if r.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let upper = line.to_ascii_uppercase();
+        if upper.starts_with("EHLO") {
+            w.write_all(b"250-fake\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 100000000\r\n")?;
+        } else if upper.starts_with("MAIL FROM:") {
+            let a = line[10..].trim();
+            cur = Got {
+                sender: a[1..a.find('>').unwrap()].to_string(),
+                recipients: vec![],
+                data: vec![],
+            };
+            w.write_all(b"250 ok\r\n")?;
+        } else if upper.starts_with("RCPT TO:") {
+            let a = line[8..].trim();
+            cur.recipients.push(a[1..a.len() - 1].to_string());
+            w.write_all(b"250 ok\r\n")?;
+        } else if upper.starts_with("DATA") {
+            w.write_all(b"354 go\r\n")?;
+            let mut data = Vec::new();
+            loop {
+                let mut l = Vec::new();
+                r.read_until(b'\n', &mut l)?;
+                if l.is_empty() {
+                    return Ok(());
+                }
+                if l == b".\r\n" {
+                    break;
+                }
+                data.extend_from_slice(&l);
+            }
+            cur.data = data;
+            let n = counter.fetch_add(1, Ordering::SeqCst) as usize;
+            let reply = decide(n, &cur);
+            if reply.starts_with('2') {
+                got.lock().unwrap().push(cur.clone());
+            }
+            if reply == "drop" {
+                return Ok(());
+            }
+            w.write_all(format!("{reply}\r\n").as_bytes())?;
+        } else if upper.starts_with("RSET") || upper.starts_with("NOOP") {
+            w.write_all(b"250 ok\r\n")?;
+        } else if upper.starts_with("QUIT") {
+            w.write_all(b"221 bye\r\n")?;
+            return Ok(());
+        } else {
+            w.write_all(b"500 what\r\n")?;
+        }
+    }
+}
+
+/// How the fake IMAP server misbehaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImapFault {
+    /// Capabilities without STARTTLS on a plain connection.
+    NoStarttls,
+    /// `* PREAUTH` greeting.
+    Preauth,
+    /// UID FETCH sends the first message, then a tagged NO.
+    FetchNo,
+    /// UID FETCH sends the first message and half the second, then closes.
+    DropMidFetch,
+}
+
+pub struct FakeImap {
+    pub port: u16,
+    /// Every command line received (LOGIN lines included).
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+pub fn fake_message(uid: u32) -> Vec<u8> {
+    format!(
+        "From: fake@remote.test\r\nSubject: fake {uid}\r\nMessage-ID: <fake{uid}@remote.test>\r\n\r\nbody {uid}\r\n"
+    )
+    .into_bytes()
+}
+
+impl FakeImap {
+    /// Serves one connection with three messages (UIDs 1..=3) and `fault`.
+    pub fn start(fault: ImapFault) -> FakeImap {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let l2 = log.clone();
+        std::thread::spawn(move || {
+            // The connection attempts of one test: serve them in turn.
+            for s in listener.incoming().take(4) {
+                let Ok(s) = s else { return };
+                let _ = imap_session(s, fault, &l2);
+            }
+        });
+        FakeImap { port, log }
+    }
+
+    pub fn commands(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+fn imap_session(s: TcpStream, fault: ImapFault, log: &Mutex<Vec<String>>) -> std::io::Result<()> {
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut w = s.try_clone()?;
+    let mut r = BufReader::new(s);
+    if fault == ImapFault::Preauth {
+        w.write_all(b"* PREAUTH [CAPABILITY IMAP4rev1] welcome\r\n")?;
+    } else {
+        w.write_all(b"* OK fake IMAP ready\r\n")?;
+    }
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if r.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        log.lock().unwrap().push(line.trim_end().to_string());
+        let mut parts = line.trim_end().splitn(3, ' ');
+        let tag = parts.next().unwrap_or("*").to_string();
+        let cmd = parts.next().unwrap_or("").to_ascii_uppercase();
+        let rest = parts.next().unwrap_or("").to_string();
+        let ok = |w: &mut TcpStream, what: &str| {
+            w.write_all(format!("{tag} OK {what} done\r\n").as_bytes())
+        };
+        match cmd.as_str() {
+            "CAPABILITY" => {
+                w.write_all(b"* CAPABILITY IMAP4rev1 UIDPLUS\r\n")?;
+                ok(&mut w, "CAPABILITY")?;
+            }
+            "LOGIN" => ok(&mut w, "LOGIN")?,
+            "SELECT" => {
+                w.write_all(b"* 3 EXISTS\r\n* 0 RECENT\r\n* OK [UIDVALIDITY 42] v\r\n* OK [UIDNEXT 4] n\r\n* FLAGS (\\Seen)\r\n")?;
+                w.write_all(format!("{tag} OK [READ-WRITE] SELECT done\r\n").as_bytes())?;
+            }
+            "NOOP" => ok(&mut w, "NOOP")?,
+            "LOGOUT" => {
+                w.write_all(b"* BYE bye\r\n")?;
+                ok(&mut w, "LOGOUT")?;
+                return Ok(());
+            }
+            "UID" => {
+                let sub = rest.split(' ').next().unwrap_or("").to_ascii_uppercase();
+                match sub.as_str() {
+                    "SEARCH" => {
+                        w.write_all(b"* SEARCH 1 2 3\r\n")?;
+                        ok(&mut w, "SEARCH")?;
+                    }
+                    "FETCH" => {
+                        let m = fake_message(1);
+                        w.write_all(format!("* 1 FETCH (UID 1 RFC822.SIZE {} FLAGS () INTERNALDATE \"23-Nov-2026 10:00:00 +0000\" BODY[] {{{}}}\r\n", m.len(), m.len()).as_bytes())?;
+                        w.write_all(&m)?;
+                        w.write_all(b")\r\n")?;
+                        match fault {
+                            ImapFault::FetchNo => {
+                                w.write_all(
+                                    format!("{tag} NO [SERVERBUG] cannot read message 2\r\n")
+                                        .as_bytes(),
+                                )?;
+                            }
+                            ImapFault::DropMidFetch => {
+                                let m2 = fake_message(2);
+                                w.write_all(format!("* 2 FETCH (UID 2 RFC822.SIZE {} FLAGS () BODY[] {{{}}}\r\n", m2.len(), m2.len()).as_bytes())?;
+                                w.write_all(&m2[..m2.len() / 2])?;
+                                w.flush()?;
+                                return Ok(());
+                            }
+                            _ => ok(&mut w, "FETCH")?,
+                        }
+                    }
+                    "STORE" => ok(&mut w, "STORE")?,
+                    _ => w.write_all(format!("{tag} BAD unknown\r\n").as_bytes())?,
+                }
+            }
+            _ => w.write_all(format!("{tag} BAD unknown\r\n").as_bytes())?,
+        }
+    }
+}

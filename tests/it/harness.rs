@@ -1,0 +1,397 @@
+//! Real servers for the tests: one private Dovecot (IMAP, IMAPS, LMTP) and
+//! one private Postfix (SMTP into Maildirs), started once per test binary by
+//! `scripts/testenv.sh` and stopped at exit, also when a test failed.
+//!
+//! Tests share the servers and stay apart by name: every test takes its own
+//! IMAP user and its own recipient address.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+pub struct Env {
+    pub dir: PathBuf,
+    pub imap_port: u16,
+    pub imaps_port: u16,
+    pub lmtp_port: u16,
+    pub smtp_port: u16,
+    pub ca_file: PathBuf,
+    pub dovecot_conf: PathBuf,
+    pub vmail: PathBuf,
+    pub homes: PathBuf,
+}
+
+static ENV: OnceLock<Env> = OnceLock::new();
+static STOP_DIR: Mutex<Option<PathBuf>> = Mutex::new(None);
+static NEXT: AtomicU32 = AtomicU32::new(0);
+static NEXT_USER: AtomicU32 = AtomicU32::new(0);
+static NEXT_RCPT: AtomicU32 = AtomicU32::new(0);
+static ADDUSER: Mutex<()> = Mutex::new(());
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+extern "C" fn stop_servers() {
+    if let Some(dir) = STOP_DIR.lock().ok().and_then(|mut d| d.take()) {
+        let _ = Command::new(root().join("scripts/testenv.sh"))
+            .arg("stop")
+            .arg(&dir)
+            .status();
+        if std::env::var_os("IMAPULL_KEEP_TESTDIR").is_none() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+}
+
+pub fn env() -> &'static Env {
+    ENV.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("imapull-it-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        *STOP_DIR.lock().unwrap() = Some(dir.clone());
+        // SAFETY: registers a plain extern "C" fn; it runs at exit().
+        unsafe { libc::atexit(stop_servers) };
+        let out = Command::new(root().join("scripts/testenv.sh"))
+            .arg("start")
+            .arg(&dir)
+            .output()
+            .expect("running scripts/testenv.sh");
+        if !out.status.success() {
+            stop_servers();
+            panic!(
+                "could not start the test servers (are dovecot-imapd, dovecot-lmtpd and postfix installed?):\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let text = std::fs::read_to_string(dir.join("env")).unwrap();
+        let vars: BTreeMap<&str, &str> = text.lines().filter_map(|l| l.split_once('=')).collect();
+        let port = |k: &str| vars[k].parse().unwrap();
+        Env {
+            imap_port: port("IMAP_PORT"),
+            imaps_port: port("IMAPS_PORT"),
+            lmtp_port: port("LMTP_PORT"),
+            smtp_port: port("SMTP_PORT"),
+            ca_file: vars["CA_FILE"].into(),
+            dovecot_conf: vars["DOVECOT_CONF"].into(),
+            vmail: vars["VMAIL"].into(),
+            homes: vars["HOMES"].into(),
+            dir,
+        }
+    })
+}
+
+/// A unique number for this test binary run.
+pub fn unique() -> u32 {
+    NEXT.fetch_add(1, Ordering::SeqCst)
+}
+
+/// A fresh IMAP user with an empty INBOX.
+pub fn new_user() -> String {
+    let e = env();
+    let n = NEXT_USER.fetch_add(1, Ordering::SeqCst);
+    assert!(n < 300, "testenv.sh lists u0..u299 only");
+    let name = format!("u{n}");
+    let _g = ADDUSER.lock().unwrap();
+    let st = Command::new(root().join("scripts/testenv.sh"))
+        .args(["adduser"])
+        .arg(&e.dir)
+        .arg(&name)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    for sub in ["new", "cur", "tmp"] {
+        let p = e.homes.join(&name).join("Maildir").join(sub);
+        std::fs::create_dir_all(&p).unwrap();
+    }
+    chown_tree(&e.homes.join(&name));
+    name
+}
+
+/// A fresh recipient address that Postfix delivers into its own Maildir.
+pub fn new_recipient() -> String {
+    let n = NEXT_RCPT.fetch_add(1, Ordering::SeqCst);
+    assert!(n < 300, "testenv.sh lists t0..t299 only");
+    format!("t{n}@example.test")
+}
+
+fn chown_tree(p: &Path) {
+    std::os::unix::fs::chown(p, Some(65534), Some(65534)).unwrap();
+    if p.is_dir() {
+        for e in std::fs::read_dir(p).unwrap() {
+            chown_tree(&e.unwrap().path());
+        }
+    }
+}
+
+/// Puts a message into the user's INBOX as a Maildir file, optionally read.
+pub fn drop_message(user: &str, n: u32, msg: &[u8], seen: bool) {
+    let md = env().homes.join(user).join("Maildir");
+    let name = format!("{}.M{n}P{}.test", 1_700_000_000 + n, std::process::id());
+    let path = if seen {
+        md.join("cur").join(format!("{name}:2,S"))
+    } else {
+        md.join("new").join(name)
+    };
+    let tmp = md.join("tmp").join(format!("{n}.tmp"));
+    std::fs::write(&tmp, msg).unwrap();
+    std::os::unix::fs::chown(&tmp, Some(65534), Some(65534)).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+}
+
+/// A simple message with a Message-ID and the given sender and body.
+pub fn message(n: u32, from: &str, body: &str) -> Vec<u8> {
+    format!(
+        "From: {from}\r\nTo: someone@remote.test\r\nSubject: message {n}\r\n\
+         Date: Mon, 23 Nov 2026 10:00:00 +0000\r\nMessage-ID: <msg{n}.{}@remote.test>\r\n\r\n{body}\r\n",
+        std::process::id()
+    )
+    .into_bytes()
+}
+
+/// Runs doveadm against the private Dovecot.
+pub fn doveadm(args: &[&str]) -> String {
+    let out = Command::new("doveadm")
+        .arg("-c")
+        .arg(&env().dovecot_conf)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "doveadm {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// UID -> flags of every message in the mailbox.
+pub fn flags(user: &str, mailbox: &str) -> BTreeMap<u32, String> {
+    let out = doveadm(&["fetch", "-u", user, "uid flags", "mailbox", mailbox]);
+    let mut map = BTreeMap::new();
+    let mut uid = None;
+    for line in out.lines() {
+        if let Some(u) = line.strip_prefix("uid: ") {
+            uid = Some(u.trim().parse().unwrap());
+        } else if let Some(f) = line.strip_prefix("flags:") {
+            map.insert(uid.take().unwrap(), f.trim().to_string());
+        }
+    }
+    map
+}
+
+pub fn uidvalidity(user: &str) -> u32 {
+    let out = doveadm(&[
+        "-f",
+        "flow",
+        "mailbox",
+        "status",
+        "-u",
+        user,
+        "uidvalidity",
+        "INBOX",
+    ]);
+    let v = out
+        .split("uidvalidity=")
+        .nth(1)
+        .unwrap_or_else(|| panic!("doveadm said {out:?}"));
+    v.chars()
+        .take_while(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .unwrap()
+}
+
+/// Messages Postfix delivered to `rcpt`, waiting until `n` have arrived.
+pub fn wait_delivered(rcpt: &str, n: usize) -> Vec<Vec<u8>> {
+    let local = rcpt.split('@').next().unwrap();
+    let dir = env().vmail.join(local).join("Maildir").join("new");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map(|d| d.map(|e| e.unwrap().path()).collect())
+            .unwrap_or_default();
+        if files.len() >= n || Instant::now() > deadline {
+            files.sort();
+            return files.iter().map(|f| std::fs::read(f).unwrap()).collect();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits a little and returns everything delivered to `rcpt` so far (for
+/// checks that nothing more arrived).
+pub fn settle_delivered(rcpt: &str) -> Vec<Vec<u8>> {
+    std::thread::sleep(Duration::from_millis(1500));
+    wait_delivered(rcpt, usize::MAX >> 1).into_iter().collect()
+}
+
+/// A delivered file split into what Postfix and imapull added and the
+/// original message.
+pub struct Delivered {
+    pub return_path: String,
+    pub delivered_to: String,
+    pub imapull_received: String,
+    pub body: Vec<u8>,
+}
+
+pub fn split_delivered(file: &[u8]) -> Delivered {
+    let text = file;
+    let mut pos = 0;
+    let mut return_path = String::new();
+    let mut delivered_to = String::new();
+    let mut imapull_received = String::new();
+    let mut in_ours = false;
+    while pos < text.len() {
+        let end = text[pos..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(text.len(), |i| pos + i + 1);
+        let line = String::from_utf8_lossy(&text[pos..end]).to_string();
+        if in_ours && line.starts_with('\t') {
+            imapull_received.push_str(&line);
+            pos = end;
+            continue;
+        }
+        if in_ours {
+            break;
+        }
+        if let Some(r) = line.strip_prefix("Return-Path: ") {
+            return_path = r.trim().to_string();
+        } else if let Some(d) = line.strip_prefix("Delivered-To: ") {
+            delivered_to = d.trim().to_string();
+        } else if line.starts_with("Received: ") && line.contains("with IMAP (imapull") {
+            imapull_received.push_str(&line);
+            in_ours = true;
+        }
+        pos = end;
+    }
+    Delivered {
+        return_path,
+        delivered_to,
+        imapull_received,
+        body: text[pos..].to_vec(),
+    }
+}
+
+/// What a Maildir file should hold for an original message: every line
+/// ending LF (Postfix stores LF), a final newline.
+pub fn as_stored(msg: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < msg.len() {
+        match msg[i] {
+            b'\r' if msg.get(i + 1) == Some(&b'\n') => {
+                out.push(b'\n');
+                i += 1;
+            }
+            b'\r' | b'\n' => out.push(b'\n'),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    if !out.is_empty() && !out.ends_with(b"\n") {
+        out.push(b'\n');
+    }
+    out
+}
+
+/// One test's private directory: its config and ledger.
+pub struct Case {
+    pub dir: PathBuf,
+    pub user: String,
+    pub config: PathBuf,
+    pub ledger: PathBuf,
+}
+
+impl Case {
+    /// A new user and a config that pulls it over IMAPS into `deliver` for
+    /// `recipients`; `extra` is appended to the account table.
+    pub fn new(deliver: &str, recipients: &[&str], extra: &str) -> Case {
+        let user = new_user();
+        Case::for_user(user, deliver, recipients, extra)
+    }
+
+    pub fn for_user(user: String, deliver: &str, recipients: &[&str], extra: &str) -> Case {
+        let e = env();
+        let dir = e.dir.join("cases").join(format!("{user}-{}", unique()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ledger = dir.join("ledger.sqlite3");
+        let config = dir.join("imapull.toml");
+        let rcpts: Vec<String> = recipients.iter().map(|r| format!("{r:?}")).collect();
+        let text = format!(
+            "ledger = {ledger:?}\n\n[accounts.{user}]\nhost = \"localhost\"\nport = {port}\n\
+             ca_file = {ca:?}\nusername = {user:?}\npassword_file = {pw:?}\n\
+             deliver = {deliver:?}\nrecipients = [{rcpts}]\n{extra}\n",
+            port = e.imaps_port,
+            ca = e.ca_file,
+            pw = dir.join("password"),
+            rcpts = rcpts.join(", "),
+        );
+        std::fs::write(dir.join("password"), "secret\n").unwrap();
+        std::fs::write(&config, text).unwrap();
+        Case {
+            dir,
+            user,
+            config,
+            ledger,
+        }
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        imapull(&self.config, args)
+    }
+
+    pub fn rows(&self) -> Vec<imapull::ledger::Row> {
+        imapull::ledger::Ledger::open(&self.ledger)
+            .unwrap()
+            .rows(None)
+            .unwrap()
+    }
+
+    pub fn state_of(&self, uid: u32) -> String {
+        self.rows()
+            .into_iter()
+            .find(|r| r.uid == uid)
+            .map(|r| r.state)
+            .unwrap_or_else(|| "none".into())
+    }
+}
+
+pub fn smtp() -> String {
+    format!("smtp://127.0.0.1:{}", env().smtp_port)
+}
+
+pub fn lmtp() -> String {
+    format!("lmtp://127.0.0.1:{}", env().lmtp_port)
+}
+
+pub fn imapull(config: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_imapull"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env("NO_COLOR", "1")
+        .env_remove("IMAPULL_LOG")
+        .output()
+        .unwrap()
+}
+
+/// The exit code, with the output shown when it is not the expected one.
+#[track_caller]
+pub fn assert_exit(out: &Output, code: i32) {
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "stdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}

@@ -1,0 +1,10 @@
+//! Integration tests: imapull as a binary against a real Dovecot and a real
+//! Postfix (see harness.rs), and scripted servers for faults (fake.rs).
+//! One test binary, so the servers start once.
+
+mod fake;
+mod harness;
+
+mod faults;
+mod kill;
+mod pull;

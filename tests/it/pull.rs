@@ -1,0 +1,424 @@
+//! The one-shot pull against real servers: what a user would check.
+
+use crate::fake::FakeSmtp;
+use crate::harness::*;
+
+#[test]
+fn initial_unseen_delivers_unread_and_skips_read() {
+    let rcpt = new_recipient();
+    let case = Case::new(&smtp(), &[&rcpt], "");
+    let msgs: Vec<Vec<u8>> = (0..4)
+        .map(|n| message(n, "Bob <bob@remote.test>", &format!("body {n}")))
+        .collect();
+    drop_message(&case.user, 0, &msgs[0], true);
+    drop_message(&case.user, 1, &msgs[1], false);
+    drop_message(&case.user, 2, &msgs[2], true);
+    drop_message(&case.user, 3, &msgs[3], false);
+    let out = case.run(&["run"]);
+    assert_exit(&out, 0);
+    let got = wait_delivered(&rcpt, 2);
+    assert_eq!(got.len(), 2, "only the two unread messages");
+    let mut bodies: Vec<Vec<u8>> = got.iter().map(|f| split_delivered(f).body).collect();
+    bodies.sort();
+    let mut want = vec![as_stored(&msgs[1]), as_stored(&msgs[3])];
+    want.sort();
+    assert_eq!(bodies, want);
+    let states: Vec<String> = case.rows().iter().map(|r| r.state.clone()).collect();
+    assert_eq!(states.iter().filter(|s| *s == "skipped").count(), 2);
+    assert_eq!(states.iter().filter(|s| *s == "delivered").count(), 2);
+    // Everything is \Seen now: the two read ones were, the two pulled got it.
+    assert!(flags(&case.user, "INBOX")
+        .values()
+        .all(|f| f.contains("\\Seen")));
+    assert_eq!(settle_delivered(&rcpt).len(), 2);
+}
+
+#[test]
+fn initial_all_delivers_everything() {
+    let rcpt = new_recipient();
+    let case = Case::new(&smtp(), &[&rcpt], "initial = \"all\"");
+    for n in 0..3 {
+        drop_message(&case.user, n, &message(n, "bob@remote.test", "x"), n == 0);
+    }
+    assert_exit(&case.run(&["run"]), 0);
+    assert_eq!(wait_delivered(&rcpt, 3).len(), 3);
+    assert!(case.rows().iter().all(|r| r.state == "delivered"));
+}
+
+#[test]
+fn initial_none_only_sets_the_watermark() {
+    let rcpt = new_recipient();
+    let case = Case::new(&smtp(), &[&rcpt], "initial = \"none\"");
+    for n in 0..3 {
+        drop_message(&case.user, n, &message(n, "bob@remote.test", "old"), false);
+    }
+    assert_exit(&case.run(&["run"]), 0);
+    assert!(case.rows().is_empty());
+    // New mail after the first pass is pulled.
+    drop_message(
+        &case.user,
+        10,
+        &message(10, "bob@remote.test", "new"),
+        false,
+    );
+    assert_exit(&case.run(&["run"]), 0);
+    let got = wait_delivered(&rcpt, 1);
+    assert_eq!(got.len(), 1);
+    assert!(String::from_utf8_lossy(&got[0]).contains("\nnew\n"));
+    assert_eq!(settle_delivered(&rcpt).len(), 1);
+    let f = flags(&case.user, "INBOX");
+    assert_eq!(
+        f.values().filter(|f| f.contains("\\Seen")).count(),
+        1,
+        "old mail untouched: {f:?}"
+    );
+}
+
+#[test]
+fn second_pass_delivers_nothing_and_opens_no_smtp_session() {
+    let rcpt = new_recipient();
+    let case = Case::new(&smtp(), &[&rcpt], "");
+    drop_message(&case.user, 0, &message(0, "bob@remote.test", "x"), false);
+    assert_exit(&case.run(&["run"]), 0);
+    assert_eq!(wait_delivered(&rcpt, 1).len(), 1);
+    // The second pass is pointed at a counting server: it must not be used.
+    let fake = FakeSmtp::start(|_, _| "250 ok".into());
+    let text = std::fs::read_to_string(&case.config)
+        .unwrap()
+        .replace(&smtp(), &fake.url());
+    std::fs::write(&case.config, text).unwrap();
+    let out = case.run(&["run"]);
+    assert_exit(&out, 0);
+    assert!(stderr(&out).contains("nothing new"), "{}", stderr(&out));
+    assert_eq!(
+        fake.connections.load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+}
+
+#[test]
+fn message_read_by_another_client_is_still_delivered() {
+    let rcpt = new_recipient();
+    let case = Case::new(&smtp(), &[&rcpt], "");
+    assert_exit(&case.run(&["run"]), 0); // first contact, empty mailbox
+                                         // A message arrives and someone reads it before our next pass.
+    drop_message(
+        &case.user,
+        0,
+        &message(0, "bob@remote.test", "read first"),
+        true,
+    );
+    assert_exit(&case.run(&["run"]), 0);
+    assert_eq!(wait_delivered(&rcpt, 1).len(), 1);
+    assert_eq!(case.state_of(1), "delivered");
+}
+
+#[test]
+fn awkward_messages_arrive_byte_for_byte() {
+    let rcpt = new_recipient();
+    let case = Case::new(&smtp(), &[&rcpt], "");
+    let bare_lf =
+        b"From: lf@remote.test\nSubject: bare LF\nMessage-ID: <lf@x>\n\nline one\nline two\n"
+            .to_vec();
+    let lone_dot = b"From: dot@remote.test\r\nSubject: dots\r\nMessage-ID: <dot@x>\r\n\r\nbefore\r\n.\r\n..two\r\n.after\r\nend".to_vec();
+    let utf8 = "From: Jürgen <j@remote.test>\r\nSubject: =?UTF-8?Q?gr=C3=BC=C3=9Fe?=\r\nMessage-ID: <u8@x>\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\nGrüße aus Köln — ☃\r\n".as_bytes().to_vec();
+    let no_return_path =
+        b"Subject: no sender headers at all\r\nMessage-ID: <nrp@x>\r\n\r\nanonymous\r\n".to_vec();
+    let with_return_path = b"Return-Path: <bounces@lists.remote.test>\r\nFrom: Person <person@remote.test>\r\nSubject: rp\r\nMessage-ID: <rp@x>\r\n\r\nx\r\n".to_vec();
+    // 20 MB: a base64 attachment in 76-character lines.
+    let mut big = b"From: big@remote.test\r\nSubject: big\r\nMessage-ID: <big@x>\r\nMIME-Version: 1.0\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n".to_vec();
+    let line = [b'Q'; 76];
+    while big.len() < 20 * 1024 * 1024 {
+        big.extend_from_slice(&line);
+        big.extend_from_slice(b"\r\n");
+    }
+    let msgs = [
+        &bare_lf,
+        &lone_dot,
+        &utf8,
+        &no_return_path,
+        &with_return_path,
+        &big,
+    ];
+    for (n, m) in msgs.iter().enumerate() {
+        drop_message(&case.user, n as u32, m, false);
+    }
+    let out = case.run(&["run"]);
+    assert_exit(&out, 0);
+    let got = wait_delivered(&rcpt, msgs.len());
+    assert_eq!(got.len(), msgs.len());
+    for m in msgs {
+        let want = as_stored(m);
+        let d = got
+            .iter()
+            .map(|f| split_delivered(f))
+            .find(|d| d.body == want)
+            .unwrap_or_else(|| {
+                panic!(
+                    "no delivered copy of {:?}",
+                    String::from_utf8_lossy(&m[..m.len().min(60)])
+                )
+            });
+        assert_eq!(d.delivered_to, rcpt);
+        assert!(
+            d.imapull_received
+                .contains(&format!("account {}, mailbox INBOX", case.user)),
+            "{}",
+            d.imapull_received
+        );
+        let expect_sender = match m.get(..12) {
+            Some(b"From: lf@rem") => "<lf@remote.test>",
+            Some(b"From: dot@re") => "<dot@remote.test>",
+            Some(b"Subject: no ") => "<>",
+            Some(b"Return-Path:") => "<bounces@lists.remote.test>",
+            Some(b"From: big@re") => "<big@remote.test>",
+            _ => "<j@remote.test>",
+        };
+        assert_eq!(d.return_path, expect_sender);
+    }
+    assert!(case
+        .rows()
+        .iter()
+        .all(|r| r.state == "delivered" && r.flagged));
+}
+
+#[test]
+fn lmtp_delivers_to_dovecot_per_recipient() {
+    // Two IMAP users stand for two local mailboxes reached over Dovecot LMTP.
+    let dest1 = new_user();
+    let dest2 = new_user();
+    let case = Case::new(
+        &lmtp(),
+        &[
+            &format!("{dest1}@example.test"),
+            &format!("{dest2}@example.test"),
+        ],
+        "",
+    );
+    drop_message(
+        &case.user,
+        0,
+        &message(0, "bob@remote.test", "via lmtp"),
+        false,
+    );
+    assert_exit(&case.run(&["run"]), 0);
+    for d in [&dest1, &dest2] {
+        assert_eq!(flags(d, "INBOX").len(), 1, "{d} got the message");
+    }
+    let row = &case.rows()[0];
+    assert_eq!(row.state, "delivered");
+    assert_eq!(row.delivered_to.len(), 2);
+}
+
+#[test]
+fn lmtp_one_recipient_refused_quarantines_without_duplicating() {
+    let dest = new_user();
+    let good = format!("{dest}@example.test");
+    let case = Case::new(&lmtp(), &[&good, "nosuchuser@example.test"], "");
+    drop_message(&case.user, 0, &message(0, "bob@remote.test", "half"), false);
+    let out = case.run(&["run"]);
+    assert_exit(&out, 65);
+    let row = &case.rows()[0];
+    assert_eq!(row.state, "rejected");
+    assert_eq!(row.delivered_to, vec![good.clone()]);
+    assert!(
+        row.last_reply.as_deref().unwrap().contains("nosuchuser"),
+        "{row:?}"
+    );
+    assert_eq!(flags(&dest, "INBOX").len(), 1);
+    // Not \Seen on the server: it is not delivered.
+    assert!(!flags(&case.user, "INBOX")[&1].contains("\\Seen"));
+    // A later pass does not send it again (quarantine is for the operator).
+    assert_exit(&case.run(&["run"]), 0);
+    assert_eq!(flags(&dest, "INBOX").len(), 1);
+}
+
+#[test]
+fn postfix_5xx_on_one_message_quarantines_only_that_one() {
+    let rcpt = new_recipient();
+    let case = Case::new(&smtp(), &[&rcpt], "");
+    for n in 0..5 {
+        let from = if n == 2 {
+            "reject5@remote.test"
+        } else {
+            "ok@remote.test"
+        };
+        drop_message(&case.user, n, &message(n, from, "x"), false);
+    }
+    let out = case.run(&["run"]);
+    assert_exit(&out, 65);
+    assert_eq!(wait_delivered(&rcpt, 4).len(), 4);
+    assert_eq!(case.state_of(3), "rejected");
+    let row = case.rows().into_iter().find(|r| r.uid == 3).unwrap();
+    assert!(row.last_reply.unwrap().contains("554"));
+    let f = flags(&case.user, "INBOX");
+    assert!(!f[&3].contains("\\Seen"));
+    assert_eq!(f.values().filter(|f| f.contains("\\Seen")).count(), 4);
+    assert_eq!(settle_delivered(&rcpt).len(), 4);
+}
+
+#[test]
+fn fourxx_on_message_k_is_retried_alone_next_pass() {
+    let case = Case::new("smtp://127.0.0.1:1", &["x@example.test"], "");
+    for n in 0..5 {
+        drop_message(
+            &case.user,
+            n,
+            &message(n, "bob@remote.test", &format!("m{n}")),
+            false,
+        );
+    }
+    // The 3rd message (n = 2) is deferred once.
+    let fake = FakeSmtp::start(|n, _| {
+        if n == 2 {
+            "451 4.3.0 try again".into()
+        } else {
+            "250 ok".into()
+        }
+    });
+    let set = |url: &str| {
+        let t = std::fs::read_to_string(&case.config).unwrap();
+        let t = t
+            .lines()
+            .map(|l| {
+                if l.starts_with("deliver") {
+                    format!("deliver = {url:?}")
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        std::fs::write(&case.config, t).unwrap();
+    };
+    set(&fake.url());
+    let out = case.run(&["run"]);
+    assert_exit(&out, 75);
+    assert_eq!(fake.messages().len(), 4);
+    assert!(fake
+        .messages()
+        .iter()
+        .all(|m| m.sender == "bob@remote.test" && m.recipients == ["x@example.test"]));
+    assert_eq!(case.state_of(3), "deferred");
+    assert!(!flags(&case.user, "INBOX")[&3].contains("\\Seen"));
+    // Next pass: only the deferred one is sent, and it goes through.
+    let out = case.run(&["run"]);
+    assert_exit(&out, 0);
+    let got = fake.messages();
+    assert_eq!(got.len(), 5);
+    assert!(String::from_utf8_lossy(&got[4].data).contains("m2"));
+    let row = case.rows().into_iter().find(|r| r.uid == 3).unwrap();
+    assert_eq!((row.state.as_str(), row.attempts), ("delivered", 2));
+    assert!(flags(&case.user, "INBOX")
+        .values()
+        .all(|f| f.contains("\\Seen")));
+}
+
+#[test]
+fn smtp_server_down_defers_and_leaves_mail_on_the_server() {
+    // Nothing listens on port 1.
+    let case = Case::new(
+        "smtp://127.0.0.1:1",
+        &["x@example.test"],
+        "max_deferrals = 3",
+    );
+    for n in 0..5 {
+        drop_message(&case.user, n, &message(n, "bob@remote.test", "x"), false);
+    }
+    let out = case.run(&["run"]);
+    assert_exit(&out, 75);
+    assert!(
+        stderr(&out).contains("stopping this pass"),
+        "{}",
+        stderr(&out)
+    );
+    let rows = case.rows();
+    assert_eq!(rows.len(), 3, "the pass stopped after 3 deferrals");
+    assert!(rows.iter().all(|r| r.state == "deferred"));
+    assert!(flags(&case.user, "INBOX")
+        .values()
+        .all(|f| !f.contains("\\Seen")));
+    // Once the server is back, everything goes, the deferred ones first.
+    let rcpt = new_recipient();
+    let t = std::fs::read_to_string(&case.config)
+        .unwrap()
+        .replace("smtp://127.0.0.1:1", &smtp())
+        .replace("x@example.test", &rcpt);
+    std::fs::write(&case.config, t).unwrap();
+    assert_exit(&case.run(&["run"]), 0);
+    assert_eq!(wait_delivered(&rcpt, 5).len(), 5);
+}
+
+#[test]
+fn sender_can_be_fixed_and_received_switched_off() {
+    let rcpt = new_recipient();
+    let case = Case::new(
+        &smtp(),
+        &[&rcpt],
+        "sender = \"fetch@example.org\"\nadd_received = false",
+    );
+    let m = message(0, "bob@remote.test", "x");
+    drop_message(&case.user, 0, &m, false);
+    assert_exit(&case.run(&["run"]), 0);
+    let got = wait_delivered(&rcpt, 1);
+    let d = split_delivered(&got[0]);
+    assert_eq!(d.return_path, "<fetch@example.org>");
+    assert!(d.imapull_received.is_empty());
+    assert!(got[0].ends_with(&as_stored(&m)));
+}
+
+#[test]
+fn mark_seen_false_leaves_flags_alone() {
+    let rcpt = new_recipient();
+    let case = Case::new(&smtp(), &[&rcpt], "mark_seen = false");
+    drop_message(&case.user, 0, &message(0, "bob@remote.test", "x"), false);
+    assert_exit(&case.run(&["run"]), 0);
+    assert_eq!(wait_delivered(&rcpt, 1).len(), 1);
+    assert!(!flags(&case.user, "INBOX")[&1].contains("\\Seen"));
+    // ... and it is still not delivered twice.
+    assert_exit(&case.run(&["run"]), 0);
+    assert_eq!(settle_delivered(&rcpt).len(), 1);
+}
+
+#[test]
+fn several_mailboxes_and_starttls() {
+    let rcpt = new_recipient();
+    let user = new_user();
+    doveadm(&["mailbox", "create", "-u", &user, "Lists/rust"]);
+    let port = crate::harness::env().imap_port;
+    let case = Case::for_user(
+        user.clone(),
+        &smtp(),
+        &[&rcpt],
+        &format!("mailboxes = [\"INBOX\", \"Lists/rust\"]\ntls = \"starttls\"\nport = {port}"),
+    );
+    // Case::for_user wrote the IMAPS port first; the account's own `port`
+    // line comes later, so replace the first one.
+    let t = std::fs::read_to_string(&case.config).unwrap();
+    let t = t.replacen(
+        &format!("port = {}\n", crate::harness::env().imaps_port),
+        "",
+        1,
+    );
+    std::fs::write(&case.config, t).unwrap();
+    drop_message(&user, 0, &message(0, "bob@remote.test", "inbox"), false);
+    let m = message(1, "list@remote.test", "list");
+    let out = std::process::Command::new("doveadm")
+        .arg("-c")
+        .arg(&crate::harness::env().dovecot_conf)
+        .args(["save", "-u", &user, "-m", "Lists/rust"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(&m)?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    assert!(out.status.success());
+    let out = case.run(&["run"]);
+    assert_exit(&out, 0);
+    assert_eq!(wait_delivered(&rcpt, 2).len(), 2);
+    let mailboxes: Vec<String> = case.rows().iter().map(|r| r.mailbox.clone()).collect();
+    assert_eq!(mailboxes, vec!["INBOX", "Lists/rust"]);
+}
