@@ -76,8 +76,11 @@ fn init_logging(verbose: u8, quiet: bool) {
     let filter = filter.add_directive("async_imap=info".parse().expect("static directive"));
     // Under systemd the journal adds its own timestamps.
     let under_journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    use std::io::IsTerminal as _;
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr)
         .with_target(false);
     if under_journal {
@@ -153,13 +156,24 @@ fn real_main(cli: Cli) -> i32 {
 }
 
 fn status(config: &Config, account: Option<&str>) -> anyhow::Result<()> {
+    use std::io::Write as _;
     let ledger = imapull::ledger::Ledger::open(&config.ledger)?;
-    println!(
+    let mut out = std::io::stdout().lock();
+    // A closed pipe (`imapull status | head`) ends the listing quietly.
+    let _ = print_rows(&mut out, &ledger.rows(account)?);
+    let _ = out.flush();
+    Ok(())
+}
+
+fn print_rows(out: &mut impl std::io::Write, rows: &[imapull::ledger::Row]) -> std::io::Result<()> {
+    writeln!(
+        out,
         "{:<12} {:<16} {:>10} {:>7} {:<10} {:>3} reply / Message-ID",
         "account", "mailbox", "uidvalid", "uid", "state", "try"
-    );
-    for r in ledger.rows(account)? {
-        println!(
+    )?;
+    for r in rows {
+        writeln!(
+            out,
             "{:<12} {:<16} {:>10} {:>7} {:<10} {:>3} {} {}",
             r.account,
             r.mailbox,
@@ -169,7 +183,7 @@ fn status(config: &Config, account: Option<&str>) -> anyhow::Result<()> {
             r.attempts,
             r.last_reply.as_deref().unwrap_or("-"),
             r.message_id.as_deref().unwrap_or("")
-        );
+        )?;
     }
     Ok(())
 }

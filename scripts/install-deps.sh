@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Installs what building imapull and running its tests and demo need on
+# Debian 12 (as root): the build libraries, Dovecot (IMAP + LMTP) and
+# Postfix. Postfix is installed with "No configuration" and none of the
+# system services is started: the tests and the demo run private instances.
+set -euo pipefail
+
+need=()
+command -v pkg-config >/dev/null || need+=(pkg-config)
+dpkg -s libssl-dev >/dev/null 2>&1 || need+=(libssl-dev)
+command -v dovecot >/dev/null || need+=(dovecot-imapd dovecot-lmtpd)
+dpkg -s dovecot-lmtpd >/dev/null 2>&1 || need+=(dovecot-lmtpd)
+command -v postfix >/dev/null || need+=(postfix)
+command -v openssl >/dev/null || need+=(openssl)
+command -v cc >/dev/null || need+=(gcc libc6-dev)
+
+if ((${#need[@]})); then
+    if [[ $(id -u) -ne 0 ]]; then
+        echo "install-deps: need root to install: ${need[*]}" >&2
+        exit 1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+    apt-get update -qq
+    # policy-rc.d keeps the packages from starting their system services.
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+    chmod +x /usr/sbin/policy-rc.d
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+# systemd-analyze checks the unit files in the tests; it is optional (the
+# check is skipped without it), so a failed install is not fatal.
+if ! command -v systemd-analyze >/dev/null && [[ $(id -u) -eq 0 ]]; then
+    apt-get install -y -qq --no-install-recommends systemd >/dev/null 2>&1 ||
+        echo "install-deps: systemd not installed; unit files will not be verified" >&2
+fi
+
+if ! command -v cargo >/dev/null; then
+    echo "install-deps: cargo is missing; install a Rust toolchain (rustup.rs or apt-get install cargo)" >&2
+    exit 1
+fi
