@@ -390,6 +390,7 @@ fn read_password(src: &PasswordSource) -> Result<Secret> {
     match src {
         PasswordSource::Inline(s) => Ok(s.clone()),
         PasswordSource::File(p) => {
+            let p = &expand_credentials(p)?;
             let s = std::fs::read_to_string(p)
                 .with_context(|| format!("reading password_file {}", p.display()))?;
             Ok(Secret::new(strip(s)))
@@ -409,6 +410,25 @@ fn read_password(src: &PasswordSource) -> Result<Secret> {
             Ok(Secret::new(strip(s)))
         }
     }
+}
+
+/// Expands `${CREDENTIALS_DIRECTORY}` (or `$CREDENTIALS_DIRECTORY`) in a
+/// password_file path: where systemd's `LoadCredential=` puts secrets.
+fn expand_credentials(p: &std::path::Path) -> Result<std::path::PathBuf> {
+    let s = p.to_string_lossy();
+    let pattern = ["${CREDENTIALS_DIRECTORY}", "$CREDENTIALS_DIRECTORY"]
+        .into_iter()
+        .find(|pat| s.contains(pat));
+    let Some(pattern) = pattern else {
+        return Ok(p.to_path_buf());
+    };
+    let dir = std::env::var("CREDENTIALS_DIRECTORY").map_err(|_| {
+        anyhow!(
+            "password_file {s:?} names $CREDENTIALS_DIRECTORY, but CREDENTIALS_DIRECTORY is not set \
+             (it is set by systemd's LoadCredential=)"
+        )
+    })?;
+    Ok(s.replace(pattern, &dir).into())
 }
 
 struct PlainAuth {

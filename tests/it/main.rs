@@ -8,3 +8,4 @@ mod harness;
 mod faults;
 mod kill;
 mod pull;
+mod systemd;
