@@ -725,6 +725,35 @@ recipients = ["b@x", "c@x"]
     }
 
     #[test]
+    fn the_example_config_is_valid() {
+        let text = include_str!("../imapull.example.toml");
+        let c = Config::parse(Path::new("imapull.example.toml"), text).unwrap();
+        assert_eq!(c.accounts.len(), 2);
+        let relay = c.account("relay").unwrap();
+        assert_eq!(relay.port, 143);
+        assert_eq!(relay.deliver.to_string(), "smtp://127.0.0.1:25");
+        assert_eq!(c.account("provider").unwrap().deliver.to_string(), "lmtp:///run/dovecot/lmtp");
+    }
+
+    /// Every key the parser accepts is in the reference. The list comes
+    /// from the parser itself: serde names the expected fields when it
+    /// refuses an unknown one.
+    #[test]
+    fn every_key_is_documented() {
+        let doc = include_str!("../docs/configuration.md");
+        let mut keys = Vec::new();
+        for text in ["zzz = 1\n", "[accounts.a]\nzzz = 1\n"] {
+            let e = toml::from_str::<RawConfig>(text).unwrap_err().to_string();
+            let expected = e.split("expected one of").nth(1).expect("serde lists the fields");
+            keys.extend(expected.split('`').skip(1).step_by(2).map(str::to_string));
+        }
+        assert!(keys.len() > 20, "{keys:?}");
+        for k in keys {
+            assert!(doc.contains(&format!("`{k}`")), "docs/configuration.md lacks `{k}`");
+        }
+    }
+
+    #[test]
     fn durations() {
         let c = parse(&format!(
             "{MIN}imap_timeout = \"90s\"\ndeliver_timeout = \"5m\"\n"
