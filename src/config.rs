@@ -732,7 +732,10 @@ recipients = ["b@x", "c@x"]
         let relay = c.account("relay").unwrap();
         assert_eq!(relay.port, 143);
         assert_eq!(relay.deliver.to_string(), "smtp://127.0.0.1:25");
-        assert_eq!(c.account("provider").unwrap().deliver.to_string(), "lmtp:///run/dovecot/lmtp");
+        assert_eq!(
+            c.account("provider").unwrap().deliver.to_string(),
+            "lmtp:///run/dovecot/lmtp"
+        );
     }
 
     /// Every key the parser accepts is in the reference. The list comes
@@ -744,12 +747,18 @@ recipients = ["b@x", "c@x"]
         let mut keys = Vec::new();
         for text in ["zzz = 1\n", "[accounts.a]\nzzz = 1\n"] {
             let e = toml::from_str::<RawConfig>(text).unwrap_err().to_string();
-            let expected = e.split("expected one of").nth(1).expect("serde lists the fields");
+            let expected = e
+                .split("expected one of")
+                .nth(1)
+                .expect("serde lists the fields");
             keys.extend(expected.split('`').skip(1).step_by(2).map(str::to_string));
         }
         assert!(keys.len() > 20, "{keys:?}");
         for k in keys {
-            assert!(doc.contains(&format!("`{k}`")), "docs/configuration.md lacks `{k}`");
+            assert!(
+                doc.contains(&format!("`{k}`")),
+                "docs/configuration.md lacks `{k}`"
+            );
         }
     }
 

@@ -36,3 +36,131 @@ where
         .into()),
     }
 }
+
+/// A stream whose reads and writes fail with `TimedOut` after `limit`
+/// without progress. Unlike a timeout around a whole operation, it bounds
+/// silence, not size: a 50 MB FETCH over a slow link is fine as long as
+/// bytes keep coming.
+#[derive(Debug)]
+pub struct IdleTimeout<T> {
+    inner: T,
+    limit: Duration,
+    read_deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    write_deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<T> IdleTimeout<T> {
+    pub fn new(inner: T, limit: Duration) -> IdleTimeout<T> {
+        IdleTimeout {
+            inner,
+            limit,
+            read_deadline: None,
+            write_deadline: None,
+        }
+    }
+}
+
+fn poll_deadline(
+    slot: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    limit: Duration,
+    cx: &mut std::task::Context<'_>,
+) -> std::task::Poll<std::io::Error> {
+    let sleep = slot.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+    match sleep.as_mut().poll(cx) {
+        std::task::Poll::Ready(()) => {
+            *slot = None;
+            std::task::Poll::Ready(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no data for {}s", limit.as_secs()),
+            ))
+        }
+        std::task::Poll::Pending => std::task::Poll::Pending,
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for IdleTimeout<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        match std::pin::Pin::new(&mut this.inner).poll_read(cx, buf) {
+            std::task::Poll::Ready(r) => {
+                this.read_deadline = None;
+                std::task::Poll::Ready(r)
+            }
+            std::task::Poll::Pending => {
+                poll_deadline(&mut this.read_deadline, this.limit, cx).map(Err)
+            }
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for IdleTimeout<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        match std::pin::Pin::new(&mut this.inner).poll_write(cx, buf) {
+            std::task::Poll::Ready(r) => {
+                this.write_deadline = None;
+                std::task::Poll::Ready(r)
+            }
+            std::task::Poll::Pending => {
+                poll_deadline(&mut this.write_deadline, this.limit, cx).map(Err)
+            }
+        }
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        match std::pin::Pin::new(&mut this.inner).poll_flush(cx) {
+            std::task::Poll::Ready(r) => {
+                this.write_deadline = None;
+                std::task::Poll::Ready(r)
+            }
+            std::task::Poll::Pending => {
+                poll_deadline(&mut this.write_deadline, this.limit, cx).map(Err)
+            }
+        }
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test(start_paused = true)]
+    async fn silence_times_out_but_slow_progress_does_not() {
+        let (a, mut b) = tokio::io::duplex(64);
+        let mut a = IdleTimeout::new(a, Duration::from_secs(10));
+        let writer = tokio::spawn(async move {
+            for _ in 0..5 {
+                tokio::time::sleep(Duration::from_secs(8)).await;
+                b.write_all(b"x").await.unwrap();
+            }
+            b
+        });
+        // 40 s in all, never 10 s of silence: fine.
+        let mut buf = [0u8; 5];
+        a.read_exact(&mut buf).await.unwrap();
+        let _b = writer.await.unwrap();
+        // Now nothing comes.
+        let e = a.read(&mut buf).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+    }
+}

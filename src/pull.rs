@@ -19,7 +19,6 @@ use crate::config::{Account, Initial, SenderPolicy};
 use crate::deliver::{headers, Deliverer, Envelope, Outcome};
 use crate::imap::{uid_sets, Imap, FETCH_ITEMS};
 use crate::ledger::{Attempt, LedgerHandle, MailboxState, MessageKey, OldRow, State};
-use crate::net::timed;
 
 /// Messages fetched but not yet delivered. Two keep the delivery session
 /// busy while the next message arrives; more would only cost memory.
@@ -230,7 +229,6 @@ async fn fetch_and_deliver(
     let wanted: HashSet<u32> = groups.iter().flatten().copied().collect();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Fetch>(PIPELINE_DEPTH);
     let peer = imap.peer.clone();
-    let limit = imap.timeout;
 
     let fetch_side = {
         let imap = &mut *imap;
@@ -241,10 +239,10 @@ async fn fetch_and_deliver(
                 for set in uid_sets(group) {
                     let mut stream = imap.fetch(&set, FETCH_ITEMS).await?;
                     loop {
-                        let item = timed(&peer, limit, async {
-                            Ok::<_, anyhow::Error>(stream.next().await)
-                        })
-                        .await?;
+                        // No timeout around a whole item: the socket's idle
+                        // timeout bounds silence, and a big message may
+                        // take long on a slow link.
+                        let item = stream.next().await;
                         let f = match item {
                             None => break,
                             Some(r) => r.with_context(|| format!("UID FETCH from {peer}"))?,
@@ -499,16 +497,10 @@ async fn first_contact(
         // can recognise these too.
         let mut rows = Vec::with_capacity(seen.len());
         for set in uid_sets(&seen) {
-            let peer = imap.peer.clone();
-            let limit = imap.timeout;
             let mut stream = imap
                 .fetch(&set, "(UID RFC822.SIZE BODY.PEEK[HEADER])")
                 .await?;
-            while let Some(f) = timed(&peer, limit, async {
-                Ok::<_, anyhow::Error>(stream.next().await)
-            })
-            .await?
-            {
+            while let Some(f) = stream.next().await {
                 let f = f?;
                 if let Some(uid) = f.uid.filter(|u| seen.binary_search(u).is_ok()) {
                     rows.push((
@@ -562,16 +554,10 @@ async fn resync(
     let mut remote: HashMap<(String, i64), Vec<u32>> = HashMap::new();
     let mut total = 0usize;
     if exists > 0 {
-        let peer = imap.peer.clone();
-        let limit = imap.timeout;
         let mut stream = imap
             .fetch("1:*", "(UID RFC822.SIZE BODY.PEEK[HEADER])")
             .await?;
-        while let Some(f) = timed(&peer, limit, async {
-            Ok::<_, anyhow::Error>(stream.next().await)
-        })
-        .await?
-        {
+        while let Some(f) = stream.next().await {
             let f = f?;
             let (Some(uid), Some(size)) = (f.uid, f.size) else {
                 continue;

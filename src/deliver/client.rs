@@ -19,7 +19,7 @@ use super::reply::{Class, Extensions, Reply, ReplyBuilder};
 use super::wire::DataEncoder;
 use super::Outcome;
 use crate::config::{Deliver, DeliverProtocol, DeliverTarget};
-use crate::net::{timed, BoxIo};
+use crate::net::{timed, BoxIo, IdleTimeout};
 
 /// A reply line longer than this is a broken or hostile server (RFC 5321
 /// allows 512 octets).
@@ -260,13 +260,14 @@ impl Deliverer {
                     .await
                     .with_context(|| format!("connecting to {peer}"))?;
                 s.set_nodelay(true).ok();
-                Box::new(s)
+                Box::new(IdleTimeout::new(s, limit))
             }
-            DeliverTarget::Unix(path) => Box::new(
+            DeliverTarget::Unix(path) => Box::new(IdleTimeout::new(
                 timed(&peer, limit, UnixStream::connect(path))
                     .await
                     .with_context(|| format!("connecting to {peer}"))?,
-            ),
+                limit,
+            )),
         };
         self.connections += 1;
         let mut io = BufReader::with_capacity(16 * 1024, io);

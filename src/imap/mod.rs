@@ -19,7 +19,7 @@ use futures_util::{Stream, StreamExt as _};
 use tokio::net::TcpStream;
 
 use crate::config::{Account, PasswordSource, TlsMode};
-use crate::net::{timed, BoxIo};
+use crate::net::{timed, BoxIo, IdleTimeout};
 use crate::secret::Secret;
 
 pub type Session = async_imap::Session<BoxIo>;
@@ -74,6 +74,8 @@ impl Imap {
         .with_context(|| format!("connecting to {peer}"))
         .map_err(unavailable)?;
         tcp.set_nodelay(true).ok();
+        // Every read and write below is bounded by silence, not by size.
+        let tcp = IdleTimeout::new(tcp, limit);
 
         let client = match account.tls {
             TlsMode::Implicit => {
@@ -134,8 +136,21 @@ impl Imap {
                 user: account.username.clone(),
                 password: password.clone(),
             };
+            // SASL-IR (RFC 4959): the credentials go with the command, one
+            // round trip less. The server then answers with the tagged OK
+            // at once, and the authenticator is never asked.
+            let mechanism = if caps.contains("SASL-IR") {
+                use base64::Engine as _;
+                let ir = base64::engine::general_purpose::STANDARD.encode(auth.response());
+                format!("PLAIN {ir}")
+            } else {
+                "PLAIN".to_string()
+            };
             timed(&peer, limit, async {
-                client.authenticate("PLAIN", auth).await.map_err(|(e, _)| e)
+                client
+                    .authenticate(mechanism, auth)
+                    .await
+                    .map_err(|(e, _)| e)
             })
             .await
         } else {
@@ -209,8 +224,9 @@ impl Imap {
         Ok(r.into_iter().collect())
     }
 
-    /// Starts `UID FETCH set items`; the caller drains the stream, each item
-    /// under a timeout.
+    /// Starts `UID FETCH set items`. The stream's reads are bounded by the
+    /// connection's idle timeout, so a large message may take as long as it
+    /// needs while bytes keep arriving.
     pub async fn fetch(
         &mut self,
         set: &str,
@@ -436,15 +452,22 @@ struct PlainAuth {
     password: Secret,
 }
 
-impl async_imap::Authenticator for PlainAuth {
-    type Response = Vec<u8>;
-    fn process(&mut self, _challenge: &[u8]) -> Vec<u8> {
+impl PlainAuth {
+    /// RFC 4616: authzid (empty), NUL, authcid, NUL, password.
+    fn response(&self) -> Vec<u8> {
         let mut r = Vec::new();
         r.push(0);
         r.extend_from_slice(self.user.as_bytes());
         r.push(0);
         r.extend_from_slice(self.password.expose().as_bytes());
         r
+    }
+}
+
+impl async_imap::Authenticator for PlainAuth {
+    type Response = Vec<u8>;
+    fn process(&mut self, _challenge: &[u8]) -> Vec<u8> {
+        self.response()
     }
 }
 

@@ -31,6 +31,14 @@ impl FakeSmtp {
     /// `decide(n, msg)` gives the reply after DATA for the n-th message
     /// (from 0), e.g. "250 ok" or "451 later". Messages answered 2xx are kept.
     pub fn start(decide: impl Fn(usize, &Got) -> String + Send + Sync + 'static) -> FakeSmtp {
+        FakeSmtp::with_size(100_000_000, decide)
+    }
+
+    /// Like [`FakeSmtp::start`], announcing `SIZE size` in its EHLO reply.
+    pub fn with_size(
+        size: u64,
+        decide: impl Fn(usize, &Got) -> String + Send + Sync + 'static,
+    ) -> FakeSmtp {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -49,7 +57,7 @@ impl FakeSmtp {
                             let (got, decide, counter) =
                                 (got.clone(), decide.clone(), counter.clone());
                             std::thread::spawn(move || {
-                                let _ = smtp_session(s, &got, &*decide, &counter);
+                                let _ = smtp_session(s, size, &got, &*decide, &counter);
                             });
                         }
                         Err(_) => std::thread::sleep(Duration::from_millis(10)),
@@ -82,6 +90,7 @@ impl Drop for FakeSmtp {
 
 fn smtp_session(
     s: TcpStream,
+    size: u64,
     got: &Mutex<Vec<Got>>,
     decide: &Decide,
     counter: &AtomicU32,
@@ -103,7 +112,10 @@ fn smtp_session(
         }
         let upper = line.to_ascii_uppercase();
         if upper.starts_with("EHLO") {
-            w.write_all(b"250-fake\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 100000000\r\n")?;
+            w.write_all(
+                format!("250-fake\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE {size}\r\n")
+                    .as_bytes(),
+            )?;
         } else if upper.starts_with("MAIL FROM:") {
             let a = line[10..].trim();
             cur = Got {

@@ -422,3 +422,37 @@ fn several_mailboxes_and_starttls() {
     let mailboxes: Vec<String> = case.rows().iter().map(|r| r.mailbox.clone()).collect();
     assert_eq!(mailboxes, vec!["INBOX", "Lists/rust"]);
 }
+
+#[test]
+fn message_over_the_servers_size_limit_is_quarantined_unsent() {
+    let fake = FakeSmtp::with_size(1000, |_, _| "250 ok".into());
+    let case = Case::new(&fake.url(), &["x@example.test"], "");
+    drop_message(
+        &case.user,
+        0,
+        &message(0, "bob@remote.test", "small"),
+        false,
+    );
+    drop_message(
+        &case.user,
+        1,
+        &message(1, "bob@remote.test", &"big ".repeat(500)),
+        false,
+    );
+    drop_message(
+        &case.user,
+        2,
+        &message(2, "bob@remote.test", "small too"),
+        false,
+    );
+    let out = case.run(&["run"]);
+    assert_exit(&out, 65);
+    assert_eq!(fake.messages().len(), 2, "the big one was never sent");
+    let row = case.rows().into_iter().find(|r| r.uid == 2).unwrap();
+    assert_eq!(row.state, "rejected");
+    assert!(row
+        .last_reply
+        .unwrap()
+        .contains("over the SIZE limit of 1000"));
+    assert!(!flags(&case.user, "INBOX")[&2].contains("\\Seen"));
+}
