@@ -394,34 +394,24 @@ async fn deliver_one(
         .await
         .context("recording a delivery in the ledger")?;
     let mid = message_id.as_deref().unwrap_or("-");
+    // One line per message; the level says how it went.
+    macro_rules! log {
+        ($level:ident, $what:literal) => {
+            tracing::$level!(
+                mailbox,
+                uid,
+                size = body.len(),
+                message_id = mid,
+                sender,
+                reply = d.reply,
+                $what
+            )
+        };
+    }
     match d.outcome {
-        Outcome::Delivered => tracing::info!(
-            mailbox,
-            uid,
-            size = body.len(),
-            message_id = mid,
-            sender,
-            reply = d.reply,
-            "delivered"
-        ),
-        Outcome::Deferred => tracing::warn!(
-            mailbox,
-            uid,
-            size = body.len(),
-            message_id = mid,
-            sender,
-            reply = d.reply,
-            "deferred"
-        ),
-        Outcome::Rejected => tracing::error!(
-            mailbox,
-            uid,
-            size = body.len(),
-            message_id = mid,
-            sender,
-            reply = d.reply,
-            "rejected (quarantined)"
-        ),
+        Outcome::Delivered => log!(info, "delivered"),
+        Outcome::Deferred => log!(warn, "deferred"),
+        Outcome::Rejected => log!(error, "rejected (quarantined)"),
     }
     Ok(d.outcome)
 }

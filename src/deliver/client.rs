@@ -5,9 +5,9 @@
 //! a timeout, a lost connection or a 421 drops the session, and the next
 //! message opens a new one. The transaction is MAIL and the RCPTs pipelined
 //! (when offered), then DATA on its own: once a server has said 354 the only
-//! way to abort is to drop the connection, so DATA is sent only when every
-//! recipient we still need was accepted... or at least one was (see
-//! [`Deliverer::deliver`]).
+//! way to abort is to drop the connection, so DATA is sent only when at
+//! least one recipient accepted. Recipients that refused are reported in
+//! the [`Delivery`], and the caller retries only them.
 
 use std::time::Duration;
 
