@@ -51,7 +51,7 @@ pub struct RawAccount {
     pub password_file: Option<PathBuf>,
     pub password_command: Option<Vec<String>>,
     pub compress: Option<bool>,
-    pub mailboxes: Option<Vec<String>>,
+    pub mailboxes: Option<Vec<RawMailbox>>,
     pub deliver: Option<String>,
     pub ehlo: Option<String>,
     pub recipients: Option<Vec<String>>,
@@ -62,6 +62,55 @@ pub struct RawAccount {
     pub imap_timeout: Option<HumanDuration>,
     pub deliver_timeout: Option<HumanDuration>,
     pub max_deferrals: Option<u32>,
+    pub purge_after: Option<PurgeAfter>,
+    pub purge_interval: Option<HumanDuration>,
+    pub purge_max: Option<u32>,
+}
+
+/// A mailbox as written: a name, or a table with its own settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum RawMailbox {
+    Name(String),
+    Table(RawMailboxTable),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMailboxTable {
+    pub name: String,
+    pub purge_after: Option<PurgeAfter>,
+}
+
+/// `purge_after`: "never", or how long after delivery the remote copy goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PurgeAfter {
+    Never,
+    After(Duration),
+}
+
+impl<'de> Deserialize<'de> for PurgeAfter {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.trim() == "never" {
+            return Ok(PurgeAfter::Never);
+        }
+        humantime::parse_duration(s.trim())
+            .map(PurgeAfter::After)
+            .map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "invalid purge_after {s:?}: {e} (use \"never\", \"0\", \"36h\", \"30d\")"
+                ))
+            })
+    }
+}
+
+/// One mailbox to pull, with its retention.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MailboxConfig {
+    pub name: String,
+    /// None: remote copies are never removed.
+    pub purge_after: Option<Duration>,
 }
 
 /// A duration written the human way ("90s", "5m", "36h", "30d").
@@ -156,7 +205,7 @@ pub struct Account {
     pub username: String,
     pub password: PasswordSource,
     pub compress: bool,
-    pub mailboxes: Vec<String>,
+    pub mailboxes: Vec<MailboxConfig>,
     pub deliver: Deliver,
     pub ehlo: String,
     pub recipients: Vec<String>,
@@ -168,6 +217,10 @@ pub struct Account {
     pub deliver_timeout: Duration,
     /// Consecutive deferrals after which a pass stops early.
     pub max_deferrals: u32,
+    /// How often the purge runs after a pass (not for `purge_after = 0`).
+    pub purge_interval: Duration,
+    /// The most removals per mailbox per purge; more are postponed.
+    pub purge_max: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -268,7 +321,10 @@ fn merge(d: &RawAccount, a: RawAccount) -> RawAccount {
         add_received,
         imap_timeout,
         deliver_timeout,
-        max_deferrals
+        max_deferrals,
+        purge_after,
+        purge_interval,
+        purge_max
     )
 }
 
@@ -343,16 +399,36 @@ fn resolve_account(
             ))
         }
     };
-    let mailboxes = a.mailboxes.unwrap_or_else(|| vec!["INBOX".to_string()]);
+    let account_purge = a.purge_after.unwrap_or(PurgeAfter::Never);
+    let as_option = |p: PurgeAfter| match p {
+        PurgeAfter::Never => None,
+        PurgeAfter::After(d) => Some(d),
+    };
+    let mailboxes: Vec<MailboxConfig> = a
+        .mailboxes
+        .unwrap_or_else(|| vec![RawMailbox::Name("INBOX".to_string())])
+        .into_iter()
+        .map(|m| match m {
+            RawMailbox::Name(name) => MailboxConfig {
+                name,
+                purge_after: as_option(account_purge),
+            },
+            RawMailbox::Table(t) => MailboxConfig {
+                name: t.name,
+                purge_after: as_option(t.purge_after.unwrap_or(account_purge)),
+            },
+        })
+        .collect();
     if mailboxes.is_empty() {
         return Err(here("mailboxes", "empty: name at least one mailbox".into()));
     }
     let mut seen = std::collections::HashSet::new();
     for m in &mailboxes {
+        let m = &m.name;
         if m.is_empty() || m.contains(['\r', '\n', '\0']) {
             return Err(here("mailboxes", format!("invalid mailbox name {m:?}")));
         }
-        if !seen.insert(m) {
+        if !seen.insert(m.clone()) {
             return Err(here("mailboxes", format!("{m:?} is listed twice")));
         }
     }
@@ -392,6 +468,13 @@ fn resolve_account(
         Some(e) => e,
         None => local_hostname(),
     };
+    let purge_max = a.purge_max.unwrap_or(500);
+    if purge_max == 0 {
+        return Err(here(
+            "purge_max",
+            "must be at least 1 (unset purge_after to never remove)".into(),
+        ));
+    }
     let max_deferrals = a.max_deferrals.unwrap_or(5);
     if max_deferrals == 0 {
         return Err(here("max_deferrals", "must be at least 1".into()));
@@ -417,6 +500,11 @@ fn resolve_account(
         imap_timeout: a.imap_timeout.map(|d| d.0).unwrap_or(DEFAULT_TIMEOUT),
         deliver_timeout: a.deliver_timeout.map(|d| d.0).unwrap_or(DEFAULT_TIMEOUT),
         max_deferrals,
+        purge_interval: a
+            .purge_interval
+            .map(|d| d.0)
+            .unwrap_or(Duration::from_secs(3600)),
+        purge_max,
     })
 }
 
@@ -600,7 +688,15 @@ recipients = ["me@example.org"]
         let a = &c.accounts[0];
         assert_eq!(a.port, 993);
         assert_eq!(a.tls, TlsMode::Implicit);
-        assert_eq!(a.mailboxes, vec!["INBOX"]);
+        assert_eq!(
+            a.mailboxes,
+            vec![MailboxConfig {
+                name: "INBOX".into(),
+                purge_after: None
+            }]
+        );
+        assert_eq!(a.purge_max, 500);
+        assert_eq!(a.purge_interval, Duration::from_secs(3600));
         assert!(a.mark_seen && a.add_received && a.compress);
         assert_eq!(a.initial, Initial::Unseen);
         assert_eq!(a.sender, SenderPolicy::Auto);
@@ -760,6 +856,28 @@ recipients = ["b@x", "c@x"]
                 "docs/configuration.md lacks `{k}`"
             );
         }
+    }
+
+    #[test]
+    fn purge_after_per_account_and_mailbox() {
+        let c = parse(&format!(
+            "{MIN}purge_after = \"30d\"\nmailboxes = [\"INBOX\", {{ name = \"Spam\", purge_after = \"0\" }}, {{ name = \"Keep\", purge_after = \"never\" }}]\n"
+        ))
+        .unwrap();
+        let m = &c.accounts[0].mailboxes;
+        assert_eq!(m[0].purge_after, Some(Duration::from_secs(30 * 86400)));
+        assert_eq!(m[1].purge_after, Some(Duration::ZERO));
+        assert_eq!(m[2].purge_after, None);
+        let e = parse(&format!("{MIN}purge_after = \"soon\"\n"))
+            .unwrap_err()
+            .0;
+        assert!(e.contains("purge_after") && e.contains("line 9"), "{e}");
+        let e = parse(&format!(
+            "{MIN}mailboxes = [{{ name = \"x\", purge = \"1d\" }}]\n"
+        ))
+        .unwrap_err()
+        .0;
+        assert!(e.contains("line 9"), "{e}");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! - [`deliver`]: the SMTP/LMTP client and the wire encoding;
 //! - [`ledger`]: what has been done, in SQLite;
 //! - [`pull`]: one pass of one mailbox, as a fetch → deliver pipeline;
+//! - [`purge`]: retention, the only code that removes mail from a server;
 //! - [`run_once`]: every account and mailbox once, as `imapull run` does.
 //!
 //! `main.rs` only parses arguments, sets up logging and maps the result to
@@ -18,6 +19,7 @@ pub mod ledger;
 pub mod lock;
 pub mod net;
 pub mod pull;
+pub mod purge;
 pub mod secret;
 
 use std::sync::Arc;
@@ -53,6 +55,8 @@ pub mod exit {
 pub struct AccountResult {
     pub account: String,
     pub report: PassReport,
+    /// Remote copies removed by retention.
+    pub removed: usize,
     /// Why the account stopped early, with the exit code it maps to.
     pub failure: Option<(i32, String)>,
 }
@@ -102,12 +106,25 @@ pub fn system_now() -> i64 {
         .unwrap_or(0)
 }
 
+/// What a run does with each mailbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `imapull run`: a pass, then the purge if one is due.
+    Pull,
+    /// `imapull purge`: only the purge, whatever `purge_interval` says.
+    Purge,
+}
+
+/// A clock: seconds since the epoch. Injected so tests can move time.
+pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
 /// One pass over the named accounts (all when `only` is empty).
-pub async fn run_once(
-    config: &Config,
-    only: &[String],
-    now: Arc<dyn Fn() -> i64 + Send + Sync>,
-) -> Result<Vec<AccountResult>> {
+pub async fn run_once(config: &Config, only: &[String], now: Clock) -> Result<Vec<AccountResult>> {
+    run_accounts(config, only, now, Mode::Pull).await
+}
+
+/// Checks that every named account exists.
+pub fn check_accounts(config: &Config, only: &[String]) -> Result<()> {
     for name in only {
         if config.account(name).is_none() {
             anyhow::bail!(
@@ -122,6 +139,18 @@ pub async fn run_once(
             );
         }
     }
+    Ok(())
+}
+
+/// Runs `mode` over the named accounts (all when `only` is empty), up to
+/// [`PARALLEL_ACCOUNTS`] at once.
+pub async fn run_accounts(
+    config: &Config,
+    only: &[String],
+    now: Clock,
+    mode: Mode,
+) -> Result<Vec<AccountResult>> {
+    check_accounts(config, only)?;
     let ledger = {
         let path = config.ledger.clone();
         tokio::task::spawn_blocking(move || Ledger::open(&path)).await??
@@ -140,7 +169,7 @@ pub async fn run_once(
         let span = tracing::info_span!("account", name = %a.name);
         async move {
             let _permit = gate.acquire().await;
-            run_account(config, a, ledger, now).await
+            run_account(config, a, ledger, now, mode).await
         }
         .instrument(span)
     });
@@ -151,11 +180,13 @@ async fn run_account(
     config: &Config,
     account: &Account,
     ledger: LedgerHandle,
-    now: Arc<dyn Fn() -> i64 + Send + Sync>,
+    now: Clock,
+    mode: Mode,
 ) -> AccountResult {
     let mut result = AccountResult {
         account: account.name.clone(),
         report: PassReport::default(),
+        removed: 0,
         failure: None,
     };
     let _lock = match lock::try_lock(&config.ledger, &account.name) {
@@ -194,20 +225,43 @@ async fn run_account(
         ledger,
         now: &now_fn,
     };
-    for mailbox in &account.mailboxes {
+    for mb in &account.mailboxes {
+        let mailbox = &mb.name;
         let span = tracing::info_span!("mailbox", name = %mailbox);
         let started = std::time::Instant::now();
-        let mut r = PassReport::default();
-        let outcome = pull::pass(&ctx, &mut imap, &mut deliverer, mailbox, &mut r)
+        let outcome = if mode == Mode::Pull {
+            let mut r = PassReport::default();
+            let outcome = pull::pass(&ctx, &mut imap, &mut deliverer, mailbox, &mut r)
+                .instrument(span.clone())
+                .await;
+            span.in_scope(|| log_summary(&r, started));
+            result.report.add(&r);
+            outcome
+        } else {
+            Ok(())
+        };
+        // Retention runs only after a pass that went through: the pass is
+        // what re-keys the ledger after a UIDVALIDITY change.
+        let outcome = match outcome {
+            Ok(()) => purge::purge_mailbox(
+                account,
+                &ctx.ledger,
+                &mut imap,
+                mb,
+                (ctx.now)(),
+                mode == Mode::Purge,
+            )
             .instrument(span.clone())
-            .await;
-        span.in_scope(|| log_summary(&r, started));
-        result.report.add(&r);
+            .await
+            .map(|p| result.removed += p.removed)
+            .map_err(|e| e.context("purging")),
+            Err(e) => Err(e),
+        };
         match outcome {
             Ok(()) => {}
             Err(e) => {
                 let is_ledger = e.downcast_ref::<ledger::LedgerFailure>().is_some();
-                span.in_scope(|| tracing::error!("pass failed: {e:#}"));
+                span.in_scope(|| tracing::error!("{e:#}"));
                 result.report.incomplete = true;
                 let code = if is_ledger {
                     exit::SOFTWARE

@@ -41,6 +41,14 @@ enum Command {
         /// Only this account.
         account: Option<String>,
     },
+    /// Remove remote copies whose retention (purge_after) has passed, now.
+    Purge {
+        /// Account names from the config; all when none is given.
+        accounts: Vec<String>,
+        /// Only list what would be removed (from the ledger); touch nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Check the configuration file and print the accounts it defines.
     Check,
 }
@@ -113,6 +121,10 @@ fn real_main(cli: Cli) -> i32 {
             return exit::SOFTWARE;
         }
     };
+    let mode = match cli.command {
+        Command::Purge { .. } => imapull::Mode::Purge,
+        _ => imapull::Mode::Pull,
+    };
     match cli.command {
         Command::Check => {
             for a in &config.accounts {
@@ -123,7 +135,10 @@ fn real_main(cli: Cli) -> i32 {
                     a.host,
                     a.port,
                     a.tls,
-                    a.mailboxes,
+                    a.mailboxes
+                        .iter()
+                        .map(|m| m.name.as_str())
+                        .collect::<Vec<_>>(),
                     a.deliver,
                     a.recipients.join(", ")
                 );
@@ -138,21 +153,72 @@ fn real_main(cli: Cli) -> i32 {
                 exit::SOFTWARE
             }
         },
-        Command::Run { accounts } => {
-            let now: Arc<dyn Fn() -> i64 + Send + Sync> = Arc::new(imapull::system_now);
-            match rt.block_on(imapull::run_once(&config, &accounts, now)) {
+        Command::Purge {
+            accounts,
+            dry_run: true,
+        } => match rt.block_on(dry_run(&config, &accounts)) {
+            Ok(()) => exit::OK,
+            Err(e) => {
+                eprintln!("imapull: {e:#}");
+                usage_or_software(&e)
+            }
+        },
+        Command::Run { accounts } | Command::Purge { accounts, .. } => {
+            let now: imapull::Clock = Arc::new(imapull::system_now);
+            match rt.block_on(imapull::run_accounts(&config, &accounts, now, mode)) {
                 Ok(results) => imapull::run_exit_code(&results),
                 Err(e) => {
                     eprintln!("imapull: {e:#}");
-                    if format!("{e}").starts_with("no account") {
-                        exit::USAGE
-                    } else {
-                        exit::SOFTWARE
-                    }
+                    usage_or_software(&e)
                 }
             }
         }
     }
+}
+
+fn usage_or_software(e: &anyhow::Error) -> i32 {
+    if format!("{e}").starts_with("no account") {
+        exit::USAGE
+    } else {
+        exit::SOFTWARE
+    }
+}
+
+/// `imapull purge --dry-run`: the plan of every mailbox with a retention,
+/// from the ledger alone (no connection, no lock).
+async fn dry_run(config: &Config, only: &[String]) -> anyhow::Result<()> {
+    imapull::check_accounts(config, only)?;
+    let ledger = imapull::ledger::LedgerHandle::new(imapull::ledger::Ledger::open(&config.ledger)?);
+    let now = imapull::system_now();
+    for a in config
+        .accounts
+        .iter()
+        .filter(|a| only.is_empty() || only.contains(&a.name))
+    {
+        for (mailbox, plan) in imapull::purge::dry_run(a, &ledger, now).await? {
+            println!(
+                "{} {}: {} to remove{}",
+                a.name,
+                mailbox,
+                plan.due.len(),
+                if plan.postponed > 0 {
+                    format!(", {} more postponed by purge_max", plan.postponed)
+                } else {
+                    String::new()
+                }
+            );
+            for d in plan.due {
+                println!(
+                    "  uid {:>7}  delivered {} ago  {}",
+                    d.uid,
+                    humantime::format_duration(std::time::Duration::from_secs(d.age.max(0) as u64)),
+                    d.message_id.as_deref().unwrap_or("(no Message-ID)")
+                );
+            }
+        }
+    }
+    println!("dry run: nothing was removed");
+    Ok(())
 }
 
 fn status(config: &Config, account: Option<&str>) -> anyhow::Result<()> {

@@ -244,23 +244,97 @@ impl Imap {
 
     /// Adds `\Seen` to `uids`, in batches.
     pub async fn add_seen(&mut self, uids: &[u32]) -> Result<()> {
+        self.store(uids, "+FLAGS.SILENT (\\Seen)").await
+    }
+
+    /// `UID STORE` over `uids`, in batches; `what` is e.g.
+    /// `+FLAGS.SILENT (\Deleted)`.
+    pub async fn store(&mut self, uids: &[u32], what: &str) -> Result<()> {
         for set in uid_sets(uids) {
             let peer = self.peer.clone();
             let limit = self.timeout;
             timed(&peer, limit, async {
-                let mut s = self
-                    .session
-                    .uid_store(&set, "+FLAGS.SILENT (\\Seen)")
-                    .await?;
+                let mut s = self.session.uid_store(&set, what).await?;
                 while let Some(r) = s.next().await {
                     r?;
                 }
                 Ok::<_, async_imap::error::Error>(())
             })
             .await
-            .with_context(|| format!("storing \\Seen on {peer}"))?;
+            .with_context(|| format!("UID STORE {what} on {peer}"))?;
         }
         Ok(())
+    }
+
+    /// `UID EXPUNGE` (UIDPLUS) over `uids`. Like FETCH, the reply stream
+    /// ends quietly on NO: the caller checks the result with a search.
+    pub async fn uid_expunge(&mut self, uids: &[u32]) -> Result<()> {
+        for set in uid_sets(uids) {
+            let peer = self.peer.clone();
+            let limit = self.timeout;
+            timed(&peer, limit, async {
+                let s = self.session.uid_expunge(&set).await?;
+                let mut s = std::pin::pin!(s);
+                while let Some(r) = s.next().await {
+                    r?;
+                }
+                Ok::<_, async_imap::error::Error>(())
+            })
+            .await
+            .with_context(|| format!("UID EXPUNGE on {peer}"))?;
+        }
+        Ok(())
+    }
+
+    /// Plain `EXPUNGE`: removes every message flagged `\Deleted`.
+    pub async fn expunge_all_deleted(&mut self) -> Result<()> {
+        let peer = self.peer.clone();
+        timed(&peer, self.timeout, async {
+            let s = self.session.expunge().await?;
+            let mut s = std::pin::pin!(s);
+            while let Some(r) = s.next().await {
+                r?;
+            }
+            Ok::<_, async_imap::error::Error>(())
+        })
+        .await
+        .with_context(|| format!("EXPUNGE on {peer}"))
+    }
+
+    /// `UID MOVE` (RFC 6851) of `uids` to `target`.
+    pub async fn uid_move(&mut self, uids: &[u32], target: &str) -> Result<()> {
+        let target = utf7::encode(target);
+        for set in uid_sets(uids) {
+            let peer = self.peer.clone();
+            timed(&peer, self.timeout, self.session.uid_mv(&set, &target))
+                .await
+                .with_context(|| format!("UID MOVE to {target:?} on {peer}"))?;
+        }
+        Ok(())
+    }
+
+    /// The mailbox carrying the `\Trash` special-use attribute (RFC 6154).
+    pub async fn trash_mailbox(&mut self) -> Result<Option<String>> {
+        use async_imap::imap_proto::NameAttribute;
+        let peer = self.peer.clone();
+        timed(&peer, self.timeout, async {
+            let names = self.session.list(Some(""), Some("*")).await?;
+            let mut names = std::pin::pin!(names);
+            let mut found = None;
+            while let Some(n) = names.next().await {
+                let n = n?;
+                if found.is_none()
+                    && n.attributes()
+                        .iter()
+                        .any(|a| matches!(a, NameAttribute::Trash))
+                {
+                    found = Some(n.name().to_string());
+                }
+            }
+            Ok::<_, async_imap::error::Error>(found)
+        })
+        .await
+        .with_context(|| format!("LIST on {peer}"))
     }
 
     /// Checks that the connection still answers (after a FETCH stream ended,

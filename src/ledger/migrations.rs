@@ -37,6 +37,10 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (account, mailbox, uidvalidity, uid)
      ) STRICT;
      CREATE INDEX message_by_state ON message (account, mailbox, state);",
+    // 2: retention. When a remote copy was removed, and when a mailbox was
+    // last purged (purges are rate-limited by purge_interval).
+    "ALTER TABLE message ADD COLUMN purged_at INTEGER;
+     ALTER TABLE mailbox ADD COLUMN last_purge_at INTEGER;",
 ];
 
 pub fn run(conn: &mut Connection) -> Result<()> {

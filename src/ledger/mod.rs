@@ -92,6 +92,17 @@ pub struct Pending {
     pub delivered_to: Vec<String>,
 }
 
+/// A row as the retention planner sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PurgeRow {
+    pub uidvalidity: u32,
+    pub uid: u32,
+    pub state: String,
+    pub delivered_at: Option<i64>,
+    pub purged_at: Option<i64>,
+    pub message_id: Option<String>,
+}
+
 /// A row as `imapull status` and the tests read it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Row {
@@ -107,6 +118,7 @@ pub struct Row {
     pub delivered_to: Vec<String>,
     pub delivered_at: Option<i64>,
     pub flagged: bool,
+    pub purged_at: Option<i64>,
 }
 
 /// A row left from an earlier UIDVALIDITY, for matching after a change.
@@ -425,11 +437,73 @@ impl Ledger {
         Ok(())
     }
 
+    /// Rows of a mailbox whose remote copy has not been removed, for the
+    /// retention planner (which decides; this only reads).
+    pub fn purge_rows(&self, account: &str, mailbox: &str) -> Result<Vec<PurgeRow>> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT uidvalidity, uid, state, delivered_at, purged_at, message_id FROM message
+             WHERE account = ?1 AND mailbox = ?2 AND purged_at IS NULL
+             ORDER BY uidvalidity, uid",
+        )?;
+        let rows = st.query_map(params![account, mailbox], |r| {
+            Ok(PurgeRow {
+                uidvalidity: r.get(0)?,
+                uid: r.get(1)?,
+                state: r.get(2)?,
+                delivered_at: r.get(3)?,
+                purged_at: r.get(4)?,
+                message_id: r.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Records removals from the server (or a purge that found nothing to
+    /// do, with `uids` empty) and the time of the purge.
+    pub fn mark_purged(
+        &mut self,
+        account: &str,
+        mailbox: &str,
+        uidvalidity: u32,
+        uids: &[u32],
+        now: i64,
+    ) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut st = tx.prepare_cached(
+                "UPDATE message SET purged_at = ?5, updated_at = ?5
+                 WHERE account = ?1 AND mailbox = ?2 AND uidvalidity = ?3 AND uid = ?4
+                   AND state = 'delivered'",
+            )?;
+            for uid in uids {
+                st.execute(params![account, mailbox, uidvalidity, uid, now])?;
+            }
+            tx.execute(
+                "UPDATE mailbox SET last_purge_at = ?3 WHERE account = ?1 AND mailbox = ?2",
+                params![account, mailbox, now],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn last_purge_at(&self, account: &str, mailbox: &str) -> Result<Option<i64>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT last_purge_at FROM mailbox WHERE account = ?1 AND mailbox = ?2",
+                params![account, mailbox],
+                |r| r.get(0),
+            )
+            .optional()?
+            .flatten())
+    }
+
     /// Every message row, optionally of one account, in key order.
     pub fn rows(&self, account: Option<&str>) -> Result<Vec<Row>> {
         let mut st = self.conn.prepare_cached(
             "SELECT account, mailbox, uidvalidity, uid, message_id, size, state, attempts,
-                    last_reply, delivered_to, delivered_at, flagged
+                    last_reply, delivered_to, delivered_at, flagged, purged_at
              FROM message WHERE ?1 IS NULL OR account = ?1
              ORDER BY account, mailbox, uidvalidity, uid",
         )?;
@@ -447,6 +521,7 @@ impl Ledger {
                 delivered_to: split_rcpts(r.get(9)?),
                 delivered_at: r.get(10)?,
                 flagged: r.get::<_, i64>(11)? != 0,
+                purged_at: r.get(12)?,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)

@@ -287,3 +287,251 @@ fn imap_session(s: TcpStream, fault: ImapFault, log: &Mutex<Vec<String>>) -> std
         }
     }
 }
+
+/// A message in [`MailServer`].
+#[derive(Debug, Clone)]
+pub struct Msg {
+    pub uid: u32,
+    pub flags: std::collections::BTreeSet<String>,
+    pub body: Vec<u8>,
+}
+
+/// The state of [`MailServer`], open to the test between runs.
+#[derive(Debug, Default)]
+pub struct MailState {
+    pub inbox: Vec<Msg>,
+    pub trash: Vec<Msg>,
+    pub uidnext: u32,
+    pub log: Vec<String>,
+}
+
+/// A small stateful IMAP server with one INBOX and a `\Trash` mailbox, for
+/// what Dovecot will not do: no UIDPLUS, or Gmail's capabilities.
+pub struct MailServer {
+    pub port: u16,
+    pub state: Arc<Mutex<MailState>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl MailServer {
+    pub fn start(caps: &str, messages: Vec<Vec<u8>>) -> MailServer {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut st = MailState {
+            uidnext: 1,
+            ..MailState::default()
+        };
+        for body in messages {
+            let uid = st.uidnext;
+            st.uidnext += 1;
+            st.inbox.push(Msg {
+                uid,
+                flags: Default::default(),
+                body,
+            });
+        }
+        let state = Arc::new(Mutex::new(st));
+        let stop = Arc::new(AtomicBool::new(false));
+        let caps = caps.to_string();
+        {
+            let (state, stop) = (state.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    match listener.accept() {
+                        Ok((s, _)) => {
+                            s.set_nonblocking(false).unwrap();
+                            let _ = mail_session(s, &caps, &state);
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                    }
+                }
+            });
+        }
+        MailServer { port, state, stop }
+    }
+
+    pub fn inbox_uids(&self) -> Vec<u32> {
+        self.state
+            .lock()
+            .unwrap()
+            .inbox
+            .iter()
+            .map(|m| m.uid)
+            .collect()
+    }
+
+    pub fn commands(&self) -> Vec<String> {
+        self.state.lock().unwrap().log.clone()
+    }
+}
+
+impl Drop for MailServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+fn parse_set(set: &str, max: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for part in set.split(',') {
+        let num = |s: &str| if s == "*" { max } else { s.parse().unwrap() };
+        match part.split_once(':') {
+            Some((a, b)) => {
+                let (a, b) = (num(a), num(b));
+                out.extend(a.min(b)..=a.max(b));
+            }
+            None => out.push(num(part)),
+        }
+    }
+    out
+}
+
+fn mail_session(s: TcpStream, caps: &str, state: &Mutex<MailState>) -> std::io::Result<()> {
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut w = s.try_clone()?;
+    let mut r = BufReader::new(s);
+    w.write_all(b"* OK fake mail server\r\n")?;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if r.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let l = line.trim_end().to_string();
+        let mut st = state.lock().unwrap();
+        st.log.push(l.clone());
+        let mut parts = l.splitn(3, ' ');
+        let tag = parts.next().unwrap_or("*").to_string();
+        let cmd = parts.next().unwrap_or("").to_ascii_uppercase();
+        let rest = parts.next().unwrap_or("").to_string();
+        let mut out = String::new();
+        let mut bytes: Vec<u8> = Vec::new();
+        let max = st.inbox.iter().map(|m| m.uid).max().unwrap_or(0);
+        match cmd.as_str() {
+            "CAPABILITY" => out.push_str(&format!("* CAPABILITY IMAP4rev1 {caps}\r\n")),
+            "LOGIN" | "NOOP" => {}
+            "LOGOUT" => {
+                w.write_all(format!("* BYE bye\r\n{tag} OK done\r\n").as_bytes())?;
+                return Ok(());
+            }
+            "SELECT" => out.push_str(&format!(
+                "* {} EXISTS\r\n* OK [UIDVALIDITY 9] v\r\n* OK [UIDNEXT {}] n\r\n* FLAGS (\\Seen \\Deleted)\r\n",
+                st.inbox.len(),
+                st.uidnext
+            )),
+            "LIST" => out.push_str(
+                "* LIST (\\HasNoChildren) \"/\" INBOX\r\n* LIST (\\HasNoChildren \\Trash) \"/\" \"[Gmail]/Trash\"\r\n",
+            ),
+            "EXPUNGE" => {
+                let mut i = 0;
+                while i < st.inbox.len() {
+                    if st.inbox[i].flags.contains("\\Deleted") {
+                        st.inbox.remove(i);
+                        out.push_str(&format!("* {} EXPUNGE\r\n", i + 1));
+                    } else {
+                        i += 1;
+                    }
+                }
+            }
+            "UID" => {
+                let mut words = rest.splitn(3, ' ');
+                let sub = words.next().unwrap_or("").to_ascii_uppercase();
+                let arg = words.next().unwrap_or("").to_string();
+                let more = words.next().unwrap_or("").to_string();
+                match sub.as_str() {
+                    "SEARCH" => {
+                        let hits: Vec<u32> = match arg.to_ascii_uppercase().as_str() {
+                            "ALL" => st.inbox.iter().map(|m| m.uid).collect(),
+                            "UNSEEN" => st.inbox.iter().filter(|m| !m.flags.contains("\\Seen")).map(|m| m.uid).collect(),
+                            "DELETED" => st.inbox.iter().filter(|m| m.flags.contains("\\Deleted")).map(|m| m.uid).collect(),
+                            "UID" => {
+                                let want = parse_set(&more, max);
+                                st.inbox.iter().map(|m| m.uid).filter(|u| want.contains(u)).collect()
+                            }
+                            _ => vec![],
+                        };
+                        let list: Vec<String> = hits.iter().map(u32::to_string).collect();
+                        out.push_str(&format!("* SEARCH {}\r\n", list.join(" ")).replace("SEARCH \r", "SEARCH\r"));
+                    }
+                    "FETCH" => {
+                        let want = parse_set(&arg, max);
+                        let header_only = more.contains("HEADER");
+                        for (i, m) in st.inbox.iter().enumerate() {
+                            if !want.contains(&m.uid) {
+                                continue;
+                            }
+                            let (name, data) = if header_only {
+                                let end = m.body.windows(4).position(|w| w == b"\r\n\r\n").map_or(m.body.len(), |p| p + 4);
+                                ("BODY[HEADER]", &m.body[..end])
+                            } else {
+                                ("BODY[]", &m.body[..])
+                            };
+                            let flags: Vec<&str> = m.flags.iter().map(String::as_str).collect();
+                            bytes.extend_from_slice(format!(
+                                "* {} FETCH (UID {} RFC822.SIZE {} FLAGS ({}) INTERNALDATE \"23-Nov-2026 10:00:00 +0000\" {name} {{{}}}\r\n",
+                                i + 1, m.uid, m.body.len(), flags.join(" "), data.len()
+                            ).as_bytes());
+                            bytes.extend_from_slice(data);
+                            bytes.extend_from_slice(b")\r\n");
+                        }
+                    }
+                    "STORE" => {
+                        let want = parse_set(&arg, max);
+                        let add = more.starts_with('+');
+                        let flags: Vec<String> = more[more.find('(').unwrap() + 1..more.find(')').unwrap()]
+                            .split(' ')
+                            .map(str::to_string)
+                            .collect();
+                        for m in st.inbox.iter_mut().filter(|m| want.contains(&m.uid)) {
+                            for f in &flags {
+                                if add {
+                                    m.flags.insert(f.clone());
+                                } else {
+                                    m.flags.remove(f);
+                                }
+                            }
+                        }
+                    }
+                    "EXPUNGE" => {
+                        let want = parse_set(&arg, max);
+                        let mut i = 0;
+                        while i < st.inbox.len() {
+                            if want.contains(&st.inbox[i].uid) && st.inbox[i].flags.contains("\\Deleted") {
+                                st.inbox.remove(i);
+                                out.push_str(&format!("* {} EXPUNGE\r\n", i + 1));
+                            } else {
+                                i += 1;
+                            }
+                        }
+                    }
+                    "MOVE" => {
+                        let want = parse_set(&arg, max);
+                        let mut i = 0;
+                        while i < st.inbox.len() {
+                            if want.contains(&st.inbox[i].uid) {
+                                let m = st.inbox.remove(i);
+                                st.trash.push(m);
+                                out.push_str(&format!("* {} EXPUNGE\r\n", i + 1));
+                            } else {
+                                i += 1;
+                            }
+                        }
+                    }
+                    _ => {
+                        w.write_all(format!("{tag} BAD unknown\r\n").as_bytes())?;
+                        continue;
+                    }
+                }
+            }
+            _ => {
+                w.write_all(format!("{tag} BAD unknown\r\n").as_bytes())?;
+                continue;
+            }
+        }
+        drop(st);
+        w.write_all(out.as_bytes())?;
+        w.write_all(&bytes)?;
+        w.write_all(format!("{tag} OK {cmd} done\r\n").as_bytes())?;
+    }
+}

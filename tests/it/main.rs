@@ -8,4 +8,5 @@ mod harness;
 mod faults;
 mod kill;
 mod pull;
+mod purge;
 mod systemd;
