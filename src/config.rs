@@ -42,6 +42,10 @@ pub struct RawConfig {
 pub struct RawAccount {
     pub host: Option<String>,
     pub port: Option<u16>,
+    pub transport: Option<Transport>,
+    pub command: Option<Vec<String>>,
+    pub tunnel_stderr: Option<TunnelStderr>,
+    pub proxy: Option<String>,
     pub tls: Option<TlsMode>,
     pub allow_plaintext: Option<bool>,
     pub ca_file: Option<PathBuf>,
@@ -136,6 +140,45 @@ pub enum TlsMode {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
+pub enum Transport {
+    Tcp,
+    Tunnel,
+}
+
+/// Where a tunnel command's standard error goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TunnelStderr {
+    /// To imapull's log, at debug level (the last lines also go into the
+    /// error when the command fails).
+    Log,
+    Null,
+}
+
+/// How the IMAP connection is made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Connect {
+    /// TCP to `host:port`, directly or through a SOCKS5 proxy.
+    Tcp { proxy: Option<Proxy> },
+    /// IMAP over the stdin/stdout of a command, e.g. `ssh host /usr/lib/dovecot/imap`.
+    Tunnel {
+        command: Vec<String>,
+        stderr: TunnelStderr,
+    },
+}
+
+/// A SOCKS5 proxy (RFC 1928, with RFC 1929 user/password).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Proxy {
+    pub host: String,
+    pub port: u16,
+    /// socks5h: the proxy resolves the IMAP host name (for Tor).
+    pub remote_dns: bool,
+    pub auth: Option<(String, Secret)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Initial {
     Unseen,
     All,
@@ -146,6 +189,8 @@ pub enum Initial {
 /// that `imapull run other-account` does not run this account's command.
 #[derive(Debug, Clone)]
 pub enum PasswordSource {
+    /// No password: only for a tunnel whose server greets with PREAUTH.
+    None,
     Inline(Secret),
     File(PathBuf),
     Command(Vec<String>),
@@ -196,8 +241,10 @@ pub enum SenderPolicy {
 #[derive(Debug, Clone)]
 pub struct Account {
     pub name: String,
+    /// The IMAP host (for a tunnel: a name for logs and the Received header).
     pub host: String,
     pub port: u16,
+    pub connect: Connect,
     pub tls: TlsMode,
     pub ca_file: Option<PathBuf>,
     /// SHA-256 of the server's SubjectPublicKeyInfo, 32 bytes.
@@ -302,6 +349,10 @@ fn merge(d: &RawAccount, a: RawAccount) -> RawAccount {
     pick!(
         host,
         port,
+        transport,
+        command,
+        tunnel_stderr,
+        proxy,
         tls,
         allow_plaintext,
         ca_file,
@@ -346,10 +397,22 @@ fn resolve_account(
                 .into(),
         ));
     }
+    let transport = a.transport.unwrap_or(Transport::Tcp);
+    if transport == Transport::Tunnel {
+        return resolve_tunnel(name, a, here);
+    }
+    if a.command.is_some() || a.tunnel_stderr.is_some() {
+        return Err(here("command", "only for transport = \"tunnel\"".into()));
+    }
     let host = a
         .host
+        .clone()
         .filter(|h| !h.trim().is_empty())
         .ok_or_else(|| here("host", "missing: the IMAP server's name or address".into()))?;
+    let proxy = match &a.proxy {
+        None => None,
+        Some(p) => Some(parse_proxy(p).map_err(|e| here("proxy", e))?),
+    };
     let tls = a.tls.unwrap_or(TlsMode::Implicit);
     let port = a.port.unwrap_or(match tls {
         TlsMode::Implicit => 993,
@@ -364,7 +427,7 @@ fn resolve_account(
             ),
         ));
     }
-    let tls_pin_sha256 = match a.tls_pin_sha256 {
+    let tls_pin_sha256 = match a.tls_pin_sha256.clone() {
         None => None,
         Some(p) => Some(parse_pin(&p).ok_or_else(|| {
             here(
@@ -378,27 +441,132 @@ fn resolve_account(
     };
     let username = a
         .username
+        .clone()
         .ok_or_else(|| here("username", "missing: the IMAP login name".into()))?;
-    let password = match (a.password, a.password_file, a.password_command) {
-        (Some(p), None, None) => PasswordSource::Inline(Secret::new(p)),
-        (None, Some(f), None) => PasswordSource::File(f),
-        (None, None, Some(c)) if !c.is_empty() => PasswordSource::Command(c),
-        (None, None, Some(_)) => {
-            return Err(here("password_command", "must name a program".into()))
+    let password = password_source(&a, here)?.ok_or_else(|| {
+        here(
+            "password",
+            "missing: set one of `password`, `password_file`, `password_command`".into(),
+        )
+    })?;
+    common(
+        name,
+        a,
+        here,
+        host,
+        port,
+        Connect::Tcp { proxy },
+        tls,
+        tls_pin_sha256,
+        username,
+        password,
+    )
+}
+
+/// An account reached through a command: no TLS of its own (the command,
+/// typically ssh, protects the link), a PREAUTH greeting accepted, and a
+/// password only if the server still asks for one.
+fn resolve_tunnel(
+    name: &str,
+    a: RawAccount,
+    here: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<Account, ConfigError> {
+    let command = a.command.clone().unwrap_or_default();
+    if command.is_empty() || command[0].is_empty() {
+        return Err(here(
+            "command",
+            "missing: the program to run, e.g. [\"ssh\", \"mail.example.net\", \"/usr/lib/dovecot/imap\"]".into(),
+        ));
+    }
+    for (key, set) in [
+        ("port", a.port.is_some()),
+        ("tls", a.tls.is_some()),
+        ("proxy", a.proxy.is_some()),
+        ("ca_file", a.ca_file.is_some()),
+        ("tls_pin_sha256", a.tls_pin_sha256.is_some()),
+        ("allow_plaintext", a.allow_plaintext.is_some()),
+    ] {
+        if set {
+            return Err(here(key, "does not apply to transport = \"tunnel\"".into()));
         }
-        (None, None, None) => {
-            return Err(here(
-                "password",
-                "missing: set one of `password`, `password_file`, `password_command`".into(),
-            ))
-        }
-        _ => {
-            return Err(here(
-                "password",
-                "set only one of `password`, `password_file`, `password_command`".into(),
-            ))
-        }
+    }
+    let host = a
+        .host
+        .clone()
+        .filter(|h| !h.trim().is_empty())
+        .unwrap_or_else(|| tunnel_name(&command));
+    let password = password_source(&a, here)?.unwrap_or(PasswordSource::None);
+    let username = a.username.clone().unwrap_or_default();
+    let connect = Connect::Tunnel {
+        command,
+        stderr: a.tunnel_stderr.unwrap_or(TunnelStderr::Log),
     };
+    common(
+        name,
+        a,
+        here,
+        host,
+        0,
+        connect,
+        TlsMode::None,
+        None,
+        username,
+        password,
+    )
+}
+
+/// A short name for a tunnel in logs: the first argument that is not an
+/// option after the program ("mail.example.net" for ssh), else the program.
+fn tunnel_name(command: &[String]) -> String {
+    command
+        .iter()
+        .skip(1)
+        .find(|a| !a.starts_with('-') && !a.starts_with('/'))
+        .unwrap_or(&command[0])
+        .clone()
+}
+
+fn password_source(
+    a: &RawAccount,
+    here: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<Option<PasswordSource>, ConfigError> {
+    Ok(Some(
+        match (
+            a.password.clone(),
+            a.password_file.clone(),
+            a.password_command.clone(),
+        ) {
+            (Some(p), None, None) => PasswordSource::Inline(Secret::new(p)),
+            (None, Some(f), None) => PasswordSource::File(f),
+            (None, None, Some(c)) if !c.is_empty() => PasswordSource::Command(c),
+            (None, None, Some(_)) => {
+                return Err(here("password_command", "must name a program".into()))
+            }
+            (None, None, None) => return Ok(None),
+            _ => {
+                return Err(here(
+                    "password",
+                    "set only one of `password`, `password_file`, `password_command`".into(),
+                ))
+            }
+        },
+    ))
+}
+
+/// The settings every transport shares.
+#[allow(clippy::too_many_arguments)]
+fn common(
+    name: &str,
+    a: RawAccount,
+    here: &dyn Fn(&str, String) -> ConfigError,
+    host: String,
+    port: u16,
+    connect: Connect,
+    tls: TlsMode,
+    tls_pin_sha256: Option<Vec<u8>>,
+    username: String,
+    password: PasswordSource,
+) -> Result<Account, ConfigError> {
     let account_purge = a.purge_after.unwrap_or(PurgeAfter::Never);
     let as_option = |p: PurgeAfter| match p {
         PurgeAfter::Never => None,
@@ -483,6 +651,7 @@ fn resolve_account(
         name: name.to_string(),
         host,
         port,
+        connect,
         tls,
         ca_file: a.ca_file,
         tls_pin_sha256,
@@ -564,6 +733,42 @@ fn parse_deliver(url: &str) -> Result<Deliver, String> {
         protocol,
         target: DeliverTarget::Tcp { host, port },
     })
+}
+
+/// `socks5://[user:password@]host:port` or `socks5h://...`.
+fn parse_proxy(url: &str) -> Result<Proxy, String> {
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| format!("{url:?}: expected socks5://HOST:PORT or socks5h://HOST:PORT"))?;
+    let remote_dns = match scheme {
+        "socks5" => false,
+        "socks5h" => true,
+        _ => {
+            return Err(format!(
+                "{url:?}: only socks5:// and socks5h:// proxies are supported"
+            ))
+        }
+    };
+    let rest = rest.trim_end_matches('/');
+    let (auth, hostport) = match rest.rsplit_once('@') {
+        Some((cred, hp)) => {
+            let (u, p) = cred
+                .split_once(':')
+                .ok_or_else(|| "proxy credentials must be user:password".to_string())?;
+            (Some((u.to_string(), Secret::new(p.to_string()))), hp)
+        }
+        None => (None, rest),
+    };
+    let target = parse_deliver(&format!("smtp://{hostport}"))?;
+    match target.target {
+        DeliverTarget::Tcp { host, port } if hostport.contains(':') => Ok(Proxy {
+            host,
+            port,
+            remote_dns,
+            auth,
+        }),
+        _ => Err(format!("{url:?}: the proxy needs a host and a port")),
+    }
 }
 
 fn parse_pin(s: &str) -> Option<Vec<u8>> {
@@ -878,6 +1083,50 @@ recipients = ["b@x", "c@x"]
         .unwrap_err()
         .0;
         assert!(e.contains("line 9"), "{e}");
+    }
+
+    #[test]
+    fn tunnels() {
+        let t = "[accounts.relay]\ntransport = \"tunnel\"\ncommand = [\"ssh\", \"-C\", \"relay.example.org\", \"/usr/lib/dovecot/imap\"]\ndeliver = \"lmtp://[::1]\"\nrecipients = [\"a@x\"]\n";
+        let c = parse(t).unwrap();
+        let a = &c.accounts[0];
+        assert_eq!(a.host, "relay.example.org");
+        assert!(matches!(a.password, PasswordSource::None));
+        assert!(
+            matches!(&a.connect, Connect::Tunnel { command, stderr: TunnelStderr::Log } if command.len() == 4)
+        );
+        let e = parse(&t.replace("transport", "port = 993\ntransport"))
+            .unwrap_err()
+            .0;
+        assert!(e.contains("`port`") && e.contains("tunnel"), "{e}");
+        let e = parse(&t.replace(
+            "command = [\"ssh\", \"-C\", \"relay.example.org\", \"/usr/lib/dovecot/imap\"]",
+            "",
+        ))
+        .unwrap_err()
+        .0;
+        assert!(e.contains("`command`"), "{e}");
+        let e = parse(&format!("{MIN}command = [\"ssh\"]\n")).unwrap_err().0;
+        assert!(e.contains("`command`"), "{e}");
+    }
+
+    #[test]
+    fn proxies() {
+        let p = parse_proxy("socks5h://tor:pw@127.0.0.1:9050").unwrap();
+        assert!(p.remote_dns);
+        assert_eq!((p.host.as_str(), p.port), ("127.0.0.1", 9050));
+        assert_eq!(p.auth.as_ref().unwrap().0, "tor");
+        assert_eq!(p.auth.as_ref().unwrap().1.expose(), "pw");
+        let p = parse_proxy("socks5://[::1]:1080").unwrap();
+        assert!(!p.remote_dns && p.auth.is_none() && p.host == "::1");
+        assert!(parse_proxy("http://x:1").is_err());
+        assert!(parse_proxy("socks5://x").is_err());
+        assert!(parse_proxy("socks5://user@x:1").is_err());
+        let e = parse(&format!("{MIN}proxy = \"socks4://x:1\"\n"))
+            .unwrap_err()
+            .0;
+        assert!(e.contains("`proxy`"), "{e}");
+        assert!(!format!("{p:?}").contains("pw"));
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub mod net;
 pub mod pull;
 pub mod purge;
 pub mod secret;
+pub mod tunnel;
 
 use std::sync::Arc;
 
@@ -260,6 +261,11 @@ async fn run_account(
         match outcome {
             Ok(()) => {}
             Err(e) => {
+                // A tunnel that died says why (exit status, its stderr).
+                let e = match imap.tunnel_report() {
+                    Some(r) => e.context(r),
+                    None => e,
+                };
                 let is_ledger = e.downcast_ref::<ledger::LedgerFailure>().is_some();
                 span.in_scope(|| tracing::error!("{e:#}"));
                 result.report.incomplete = true;

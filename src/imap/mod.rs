@@ -18,9 +18,10 @@ use async_imap::types::Fetch;
 use futures_util::{Stream, StreamExt as _};
 use tokio::net::TcpStream;
 
-use crate::config::{Account, PasswordSource, TlsMode};
-use crate::net::{timed, BoxIo, IdleTimeout};
+use crate::config::{Account, Connect, PasswordSource, Proxy, TlsMode};
+use crate::net::{timed, BoxIo, IdleTimeout, PreauthShim};
 use crate::secret::Secret;
+use crate::tunnel::{self, TunnelInfo};
 
 pub type Session = async_imap::Session<BoxIo>;
 
@@ -49,6 +50,7 @@ pub struct Imap {
     pub caps: HashSet<String>,
     pub peer: String,
     pub timeout: Duration,
+    pub tunnel: Option<TunnelInfo>,
 }
 
 /// What SELECT tells a pass.
@@ -61,73 +63,99 @@ pub struct Selected {
 
 impl Imap {
     pub async fn connect(account: &Account) -> Result<Imap, ConnectError> {
-        let peer = format!("{}:{}", account.host, account.port);
         let limit = account.imap_timeout;
         let unavailable = |e: anyhow::Error| ConnectError::Unavailable(e);
 
-        let tcp = timed(
-            &peer,
-            limit,
-            TcpStream::connect((account.host.as_str(), account.port)),
-        )
-        .await
-        .with_context(|| format!("connecting to {peer}"))
-        .map_err(unavailable)?;
-        tcp.set_nodelay(true).ok();
-        // Every read and write below is bounded by silence, not by size.
-        let tcp = IdleTimeout::new(tcp, limit);
-
-        let client = match account.tls {
-            TlsMode::Implicit => {
-                let tls = tls_wrap(account, Box::new(tcp))
+        let (mut client, peer, tunnel) = match &account.connect {
+            Connect::Tunnel { command, stderr } => {
+                let peer = format!("tunnel {}", account.host);
+                let (io, info) = tunnel::spawn(command, *stderr).map_err(unavailable)?;
+                let (shim, armed) = PreauthShim::new(IdleTimeout::new(io, limit));
+                let mut c = async_imap::Client::new(Box::new(shim) as BoxIo);
+                let greeting = read_greeting(&mut c, &peer, limit, true)
+                    .await
+                    .map_err(|e| unavailable(with_exit_report(e, &info)))?;
+                if greeting == Greeting::Preauth {
+                    // Already authenticated by the tunnel (ssh). async-imap
+                    // reaches a session only through a login: the shim
+                    // answers this one itself; nothing goes to the server.
+                    armed.store(true, std::sync::atomic::Ordering::SeqCst);
+                    let session = timed(&peer, limit, async {
+                        c.login("preauth", "preauth").await.map_err(|(e, _)| e)
+                    })
                     .await
                     .map_err(unavailable)?;
-                let mut c = async_imap::Client::new(tls);
-                read_greeting(&mut c, &peer, limit)
-                    .await
-                    .map_err(unavailable)?;
-                c
-            }
-            TlsMode::None => {
-                let mut c = async_imap::Client::new(Box::new(tcp) as BoxIo);
-                read_greeting(&mut c, &peer, limit)
-                    .await
-                    .map_err(unavailable)?;
-                c
-            }
-            TlsMode::Starttls => {
-                let mut c = async_imap::Client::new(Box::new(tcp) as BoxIo);
-                read_greeting(&mut c, &peer, limit)
-                    .await
-                    .map_err(unavailable)?;
-                let caps = client_capabilities(&mut c, &peer, limit)
-                    .await
-                    .map_err(unavailable)?;
-                if !caps.contains("STARTTLS") {
-                    return Err(unavailable(anyhow!(
-                        "{peer} does not offer STARTTLS; refusing to log in without TLS \
-                         (tls = \"starttls\" in the config)"
-                    )));
+                    return Imap::ready(account, session, peer, Some(info)).await;
                 }
-                timed(&peer, limit, c.run_command_and_check_ok("STARTTLS", None))
-                    .await
-                    .context("STARTTLS")
-                    .map_err(unavailable)?;
-                // into_inner drops anything buffered before the handshake,
-                // so plaintext injected after STARTTLS is never read.
-                let tls = tls_wrap(account, c.into_inner())
+                (c, peer, Some(info))
+            }
+            Connect::Tcp { proxy } => {
+                let peer = format!("{}:{}", account.host, account.port);
+                let tcp = connect_tcp(account, proxy.as_ref(), &peer)
                     .await
                     .map_err(unavailable)?;
-                async_imap::Client::new(tls)
+                // Every read and write below is bounded by silence, not by size.
+                let tcp = IdleTimeout::new(tcp, limit);
+                let c = match account.tls {
+                    TlsMode::Implicit => {
+                        let tls = tls_wrap(account, Box::new(tcp))
+                            .await
+                            .map_err(unavailable)?;
+                        let mut c = async_imap::Client::new(tls);
+                        read_greeting(&mut c, &peer, limit, false)
+                            .await
+                            .map_err(unavailable)?;
+                        c
+                    }
+                    TlsMode::None => {
+                        let mut c = async_imap::Client::new(Box::new(tcp) as BoxIo);
+                        read_greeting(&mut c, &peer, limit, false)
+                            .await
+                            .map_err(unavailable)?;
+                        c
+                    }
+                    TlsMode::Starttls => {
+                        let mut c = async_imap::Client::new(Box::new(tcp) as BoxIo);
+                        read_greeting(&mut c, &peer, limit, false)
+                            .await
+                            .map_err(unavailable)?;
+                        let caps = client_capabilities(&mut c, &peer, limit)
+                            .await
+                            .map_err(unavailable)?;
+                        if !caps.contains("STARTTLS") {
+                            return Err(unavailable(anyhow!(
+                                "{peer} does not offer STARTTLS; refusing to log in without TLS \
+                                 (tls = \"starttls\" in the config)"
+                            )));
+                        }
+                        timed(&peer, limit, c.run_command_and_check_ok("STARTTLS", None))
+                            .await
+                            .context("STARTTLS")
+                            .map_err(unavailable)?;
+                        // into_inner drops anything buffered before the
+                        // handshake, so plaintext injected after STARTTLS is
+                        // never read.
+                        let tls = tls_wrap(account, c.into_inner())
+                            .await
+                            .map_err(unavailable)?;
+                        async_imap::Client::new(tls)
+                    }
+                };
+                (c, peer, None)
             }
         };
-        let mut client = client;
         let caps = client_capabilities(&mut client, &peer, limit)
             .await
             .map_err(unavailable)?;
         if caps.contains("LOGINDISABLED") && !caps.contains("AUTH=PLAIN") {
             return Err(ConnectError::Auth(anyhow!(
                 "{peer} refuses to log in (LOGINDISABLED) on this connection"
+            )));
+        }
+        if matches!(account.password, PasswordSource::None) {
+            return Err(ConnectError::Auth(anyhow!(
+                "{peer} asks for a login, and the account has no password \
+                 (a tunnel without PREAUTH needs `username` and a password)"
             )));
         }
         let password = read_password(&account.password).map_err(ConnectError::Auth)?;
@@ -162,7 +190,7 @@ impl Imap {
             })
             .await
         };
-        let mut session = login
+        let session = login
             .with_context(|| format!("logging in to {peer} as {}", account.username))
             .map_err(|e| match e.downcast_ref::<async_imap::error::Error>() {
                 Some(async_imap::error::Error::No(_)) | Some(async_imap::error::Error::Bad(_)) => {
@@ -170,6 +198,18 @@ impl Imap {
                 }
                 _ => ConnectError::Unavailable(e),
             })?;
+        Imap::ready(account, session, peer, tunnel).await
+    }
+
+    /// After authentication: capabilities, COMPRESS.
+    async fn ready(
+        account: &Account,
+        mut session: Session,
+        peer: String,
+        tunnel: Option<TunnelInfo>,
+    ) -> Result<Imap, ConnectError> {
+        let limit = account.imap_timeout;
+        let unavailable = |e: anyhow::Error| ConnectError::Unavailable(e);
         // Capabilities may grow after login (Dovecot adds the extensions).
         let mut caps = cap_set(
             &timed(&peer, limit, session.capabilities())
@@ -189,7 +229,13 @@ impl Imap {
             caps,
             peer,
             timeout: limit,
+            tunnel,
         })
+    }
+
+    /// Why the tunnel command ended, if this is a tunnel and it has.
+    pub fn tunnel_report(&self) -> Option<String> {
+        self.tunnel.as_ref().and_then(TunnelInfo::exit_report)
     }
 
     pub fn has(&self, cap: &str) -> bool {
@@ -394,11 +440,70 @@ async fn client_capabilities(
     Ok(caps)
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Greeting {
+    Ok,
+    Preauth,
+}
+
+fn with_exit_report(e: anyhow::Error, info: &TunnelInfo) -> anyhow::Error {
+    match info.exit_report() {
+        Some(r) => e.context(r),
+        None => e,
+    }
+}
+
+/// TCP to the server, directly or through the SOCKS5 proxy.
+async fn connect_tcp(account: &Account, proxy: Option<&Proxy>, peer: &str) -> Result<TcpStream> {
+    let limit = account.imap_timeout;
+    let host = account.host.trim_start_matches('[').trim_end_matches(']');
+    let tcp = match proxy {
+        None => timed(peer, limit, TcpStream::connect((host, account.port)))
+            .await
+            .with_context(|| format!("connecting to {peer}"))?,
+        Some(p) => {
+            let via = format!("{peer} through the SOCKS5 proxy {}:{}", p.host, p.port);
+            let proxy_addr = (p.host.as_str(), p.port);
+            let fut = async {
+                // socks5h: the proxy resolves the name (Tor); socks5: we do.
+                let target: tokio_socks::TargetAddr<'_> = if p.remote_dns {
+                    tokio_socks::TargetAddr::Domain(host.into(), account.port)
+                } else {
+                    let addr = tokio::net::lookup_host((host, account.port))
+                        .await?
+                        .next()
+                        .ok_or_else(|| anyhow!("{host} has no address"))?;
+                    tokio_socks::TargetAddr::Ip(addr)
+                };
+                let s = match &p.auth {
+                    None => tokio_socks::tcp::Socks5Stream::connect(proxy_addr, target).await?,
+                    Some((user, pw)) => {
+                        tokio_socks::tcp::Socks5Stream::connect_with_password(
+                            proxy_addr,
+                            target,
+                            user,
+                            pw.expose(),
+                        )
+                        .await?
+                    }
+                };
+                Ok::<_, anyhow::Error>(s.into_inner())
+            };
+            timed(peer, limit, fut)
+                .await
+                .with_context(|| format!("connecting to {via}"))?
+        }
+    };
+    tcp.set_nodelay(true).ok();
+    Ok(tcp)
+}
+
 async fn read_greeting(
     c: &mut async_imap::Client<BoxIo>,
     peer: &str,
     limit: Duration,
-) -> Result<()> {
+    allow_preauth: bool,
+) -> Result<Greeting> {
     let r = timed(peer, limit, c.read_response())
         .await
         .with_context(|| format!("reading the greeting of {peer}"))?
@@ -406,7 +511,11 @@ async fn read_greeting(
     match r.parsed() {
         Response::Data {
             status: Status::Ok, ..
-        } => Ok(()),
+        } => Ok(Greeting::Ok),
+        Response::Data {
+            status: Status::PreAuth,
+            ..
+        } if allow_preauth => Ok(Greeting::Preauth),
         Response::Data {
             status: Status::PreAuth,
             ..
@@ -478,6 +587,7 @@ fn read_password(src: &PasswordSource) -> Result<Secret> {
         s
     }
     match src {
+        PasswordSource::None => Ok(Secret::new(String::new())),
         PasswordSource::Inline(s) => Ok(s.clone()),
         PasswordSource::File(p) => {
             let p = &expand_credentials(p)?;

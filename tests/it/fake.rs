@@ -535,3 +535,107 @@ fn mail_session(s: TcpStream, caps: &str, state: &Mutex<MailState>) -> std::io::
         w.write_all(format!("{tag} OK {cmd} done\r\n").as_bytes())?;
     }
 }
+
+/// A SOCKS5 proxy (RFC 1928) for tests: CONNECT only, to loopback only
+/// ("localhost" or 127.0.0.1), with user/password (RFC 1929) if `auth` is
+/// set. Records the targets it was asked for.
+pub struct FakeSocks {
+    pub port: u16,
+    pub targets: Arc<Mutex<Vec<String>>>,
+}
+
+impl FakeSocks {
+    pub fn start(auth: Option<(&str, &str)>) -> FakeSocks {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let targets = Arc::new(Mutex::new(Vec::new()));
+        let auth = auth.map(|(u, p)| (u.to_string(), p.to_string()));
+        let t2 = targets.clone();
+        std::thread::spawn(move || {
+            for s in listener.incoming().take(16) {
+                let Ok(s) = s else { return };
+                let (auth, t2) = (auth.clone(), t2.clone());
+                std::thread::spawn(move || {
+                    let _ = socks_session(s, auth, &t2);
+                });
+            }
+        });
+        FakeSocks { port, targets }
+    }
+}
+
+fn socks_session(
+    mut s: TcpStream,
+    auth: Option<(String, String)>,
+    targets: &Mutex<Vec<String>>,
+) -> std::io::Result<()> {
+    use std::io::Read;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut hdr = [0u8; 2];
+    s.read_exact(&mut hdr)?;
+    let mut methods = vec![0u8; hdr[1] as usize];
+    s.read_exact(&mut methods)?;
+    let want = if auth.is_some() { 2 } else { 0 };
+    if !methods.contains(&want) {
+        s.write_all(&[5, 0xff])?;
+        return Ok(());
+    }
+    s.write_all(&[5, want])?;
+    if let Some((user, pass)) = auth {
+        let mut v = [0u8; 2];
+        s.read_exact(&mut v)?;
+        let mut u = vec![0u8; v[1] as usize];
+        s.read_exact(&mut u)?;
+        let mut l = [0u8; 1];
+        s.read_exact(&mut l)?;
+        let mut p = vec![0u8; l[0] as usize];
+        s.read_exact(&mut p)?;
+        if u != user.as_bytes() || p != pass.as_bytes() {
+            s.write_all(&[1, 1])?;
+            return Ok(());
+        }
+        s.write_all(&[1, 0])?;
+    }
+    let mut req = [0u8; 4];
+    s.read_exact(&mut req)?;
+    let host = match req[3] {
+        1 => {
+            let mut a = [0u8; 4];
+            s.read_exact(&mut a)?;
+            std::net::Ipv4Addr::from(a).to_string()
+        }
+        3 => {
+            let mut l = [0u8; 1];
+            s.read_exact(&mut l)?;
+            let mut d = vec![0u8; l[0] as usize];
+            s.read_exact(&mut d)?;
+            String::from_utf8_lossy(&d).into_owned()
+        }
+        _ => {
+            s.write_all(&[5, 8, 0, 1, 0, 0, 0, 0, 0, 0])?;
+            return Ok(());
+        }
+    };
+    let mut p = [0u8; 2];
+    s.read_exact(&mut p)?;
+    let port = u16::from_be_bytes(p);
+    targets.lock().unwrap().push(format!("{host}:{port}"));
+    // Loopback only: this proxy never reaches beyond the machine.
+    if host != "localhost" && host != "127.0.0.1" {
+        s.write_all(&[5, 2, 0, 1, 0, 0, 0, 0, 0, 0])?;
+        return Ok(());
+    }
+    let up = TcpStream::connect(("127.0.0.1", port))?;
+    s.write_all(&[5, 0, 0, 1, 127, 0, 0, 1, p[0], p[1]])?;
+    s.set_read_timeout(None)?;
+    let (mut a, mut b) = (s.try_clone()?, up.try_clone()?);
+    let (mut c, mut d) = (s, up);
+    let t = std::thread::spawn(move || {
+        let _ = std::io::copy(&mut a, &mut b);
+        let _ = b.shutdown(std::net::Shutdown::Write);
+    });
+    let _ = std::io::copy(&mut d, &mut c);
+    let _ = c.shutdown(std::net::Shutdown::Write);
+    let _ = t.join();
+    Ok(())
+}

@@ -205,28 +205,35 @@ pub fn uidvalidity(user: &str) -> u32 {
         .unwrap()
 }
 
-/// Messages Postfix delivered to `rcpt`, waiting until `n` have arrived.
-pub fn wait_delivered(rcpt: &str, n: usize) -> Vec<Vec<u8>> {
+/// Messages Postfix has delivered to `rcpt` so far, in file name order.
+pub fn delivered_now(rcpt: &str) -> Vec<Vec<u8>> {
     let local = rcpt.split('@').next().unwrap();
     let dir = env().vmail.join(local).join("Maildir").join("new");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map(|d| d.map(|e| e.unwrap().path()).collect())
+        .unwrap_or_default();
+    files.sort();
+    files.iter().map(|f| std::fs::read(f).unwrap()).collect()
+}
+
+/// Messages Postfix delivered to `rcpt`, waiting (up to 30 s) until `n`
+/// have arrived.
+pub fn wait_delivered(rcpt: &str, n: usize) -> Vec<Vec<u8>> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .map(|d| d.map(|e| e.unwrap().path()).collect())
-            .unwrap_or_default();
-        if files.len() >= n || Instant::now() > deadline {
-            files.sort();
-            return files.iter().map(|f| std::fs::read(f).unwrap()).collect();
+        let got = delivered_now(rcpt);
+        if got.len() >= n || Instant::now() > deadline {
+            return got;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
-/// Waits a little and returns everything delivered to `rcpt` so far (for
-/// checks that nothing more arrived).
+/// Waits a little for stragglers, then returns everything delivered to
+/// `rcpt` (for checks that nothing more arrived).
 pub fn settle_delivered(rcpt: &str) -> Vec<Vec<u8>> {
     std::thread::sleep(Duration::from_millis(1500));
-    wait_delivered(rcpt, usize::MAX >> 1).into_iter().collect()
+    delivered_now(rcpt)
 }
 
 /// A delivered file split into what Postfix and imapull added and the

@@ -10,3 +10,4 @@ mod kill;
 mod pull;
 mod purge;
 mod systemd;
+mod transport;

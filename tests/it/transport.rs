@@ -1,0 +1,185 @@
+//! IMAP over a tunnel command (Dovecot's own imap binary, as `ssh host
+//! /usr/lib/dovecot/imap` would run it) and through a SOCKS5 proxy.
+
+use crate::fake::FakeSocks;
+use crate::harness::*;
+
+/// Rewrites the case's account to use a tunnel running `command`.
+fn use_tunnel(case: &Case, command: &[String]) {
+    let argv: Vec<String> = command.iter().map(|a| format!("{a:?}")).collect();
+    let t = std::fs::read_to_string(&case.config).unwrap();
+    let dropped = [
+        "host",
+        "port",
+        "ca_file",
+        "password_file",
+        "transport",
+        "command",
+    ];
+    let mut out = Vec::new();
+    for l in t.lines() {
+        if dropped.iter().any(|k| l.starts_with(&format!("{k} "))) {
+            continue;
+        }
+        out.push(l.to_string());
+        if l.starts_with("[accounts.") {
+            out.push(format!(
+                "transport = \"tunnel\"\ncommand = [{}]",
+                argv.join(", ")
+            ));
+        }
+    }
+    std::fs::write(&case.config, out.join("\n")).unwrap();
+}
+
+fn dovecot_imap(user: &str) -> Vec<String> {
+    vec![
+        "/usr/lib/dovecot/imap".into(),
+        "-c".into(),
+        env().dovecot_conf.display().to_string(),
+        "-u".into(),
+        user.into(),
+    ]
+}
+
+#[test]
+fn tunnel_with_preauth_pulls_and_purges() {
+    let rcpt = new_recipient();
+    let case = Case::new(&smtp(), &[&rcpt], "purge_after = \"0\"");
+    use_tunnel(&case, &dovecot_imap(&case.user));
+    for n in 0..3 {
+        drop_message(
+            &case.user,
+            n,
+            &message(n, "bob@remote.test", "tunnelled"),
+            false,
+        );
+    }
+    let out = case.run(&["run"]);
+    assert_exit(&out, 0);
+    assert_eq!(wait_delivered(&rcpt, 3).len(), 3);
+    assert!(
+        flags(&case.user, "INBOX").is_empty(),
+        "purged over the tunnel"
+    );
+    assert!(case
+        .rows()
+        .iter()
+        .all(|r| r.state == "delivered" && r.purged_at.is_some()));
+}
+
+#[test]
+fn tunnel_that_dies_mid_fetch_loses_nothing() {
+    let rcpt = new_recipient();
+    let case = Case::new(&smtp(), &[&rcpt], "compress = false\nimap_timeout = \"5s\"");
+    for n in 0..4 {
+        drop_message(
+            &case.user,
+            n,
+            &message(n, "bob@remote.test", &"y".repeat(4000)),
+            false,
+        );
+    }
+    // The server's output is cut after 9000 bytes: somewhere in message 2.
+    // (dd with bs=1, not head: head buffers its output until it is done.)
+    // The server may then wait for a command instead of dying, so the
+    // stream stalls rather than ends: the idle timeout (5 s here) ends it.
+    let cut = format!(
+        "{} | dd bs=1 count=9000 status=none",
+        dovecot_imap(&case.user).join(" ")
+    );
+    use_tunnel(&case, &["sh".into(), "-c".into(), cut]);
+    let out = case.run(&["run"]);
+    assert_ne!(out.status.code(), Some(0), "{}", stderr(&out));
+    let first = case.rows().len();
+    assert!(first < 4, "the cut tunnel cannot have delivered everything");
+    assert!(case.rows().iter().all(|r| r.state == "delivered"));
+    // With a working tunnel, the rest arrives, nothing twice.
+    use_tunnel(&case, &dovecot_imap(&case.user));
+    assert_exit(&case.run(&["run"]), 0);
+    assert_eq!(settle_delivered(&rcpt).len(), 4);
+    assert_eq!(case.rows().len(), 4);
+}
+
+#[test]
+fn tunnel_command_that_fails_says_why() {
+    let case = Case::new(&smtp(), &["x@example.test"], "");
+    use_tunnel(
+        &case,
+        &[
+            "sh".into(),
+            "-c".into(),
+            "echo 'ssh: Could not resolve hostname nowhere' >&2; exit 255".into(),
+        ],
+    );
+    let out = case.run(&["run"]);
+    assert_exit(&out, 69);
+    let err = stderr(&out);
+    assert!(err.contains("exit status: 255"), "{err}");
+    assert!(err.contains("Could not resolve hostname"), "{err}");
+}
+
+fn use_proxy(case: &Case, url: &str) {
+    let t = std::fs::read_to_string(&case.config).unwrap();
+    std::fs::write(
+        &case.config,
+        t.replace(
+            "host = \"localhost\"",
+            &format!("host = \"localhost\"\nproxy = {url:?}"),
+        ),
+    )
+    .unwrap();
+}
+
+#[test]
+fn socks5h_proxy_with_credentials() {
+    let proxy = FakeSocks::start(Some(("tor", "s3cret")));
+    let rcpt = new_recipient();
+    let case = Case::new(&smtp(), &[&rcpt], "");
+    use_proxy(
+        &case,
+        &format!("socks5h://tor:s3cret@127.0.0.1:{}", proxy.port),
+    );
+    drop_message(
+        &case.user,
+        0,
+        &message(0, "bob@remote.test", "via proxy"),
+        false,
+    );
+    assert_exit(&case.run(&["run"]), 0);
+    assert_eq!(wait_delivered(&rcpt, 1).len(), 1);
+    // The proxy resolved the name (socks5h), and TLS was checked end to end.
+    assert_eq!(
+        proxy.targets.lock().unwrap()[0],
+        format!("localhost:{}", env().imaps_port)
+    );
+}
+
+#[test]
+fn socks5_resolves_locally() {
+    let proxy = FakeSocks::start(None);
+    let rcpt = new_recipient();
+    let case = Case::new(&smtp(), &[&rcpt], "");
+    use_proxy(&case, &format!("socks5://127.0.0.1:{}", proxy.port));
+    drop_message(&case.user, 0, &message(0, "bob@remote.test", "x"), false);
+    assert_exit(&case.run(&["run"]), 0);
+    assert_eq!(
+        proxy.targets.lock().unwrap()[0],
+        format!("127.0.0.1:{}", env().imaps_port)
+    );
+}
+
+#[test]
+fn wrong_proxy_credentials_are_a_clear_error() {
+    let proxy = FakeSocks::start(Some(("tor", "s3cret")));
+    let case = Case::new(&smtp(), &["x@example.test"], "");
+    use_proxy(
+        &case,
+        &format!("socks5h://tor:wrong@127.0.0.1:{}", proxy.port),
+    );
+    let out = case.run(&["run"]);
+    assert_exit(&out, 69);
+    let err = stderr(&out);
+    assert!(err.contains("through the SOCKS5 proxy"), "{err}");
+    assert!(!err.contains("wrong"), "the proxy password leaked: {err}");
+}
