@@ -12,6 +12,9 @@ command -v dovecot >/dev/null || need+=(dovecot-imapd dovecot-lmtpd)
 dpkg -s dovecot-lmtpd >/dev/null 2>&1 || need+=(dovecot-lmtpd)
 command -v postfix >/dev/null || need+=(postfix)
 command -v openssl >/dev/null || need+=(openssl)
+# A private sshd on a loopback port carries the tunnel test over real SSH.
+command -v sshd >/dev/null || need+=(openssh-server)
+command -v ssh >/dev/null || need+=(openssh-client)
 command -v cc >/dev/null || need+=(gcc libc6-dev)
 
 if ((${#need[@]})); then

@@ -183,3 +183,121 @@ fn wrong_proxy_credentials_are_a_clear_error() {
     assert!(err.contains("through the SOCKS5 proxy"), "{err}");
     assert!(!err.contains("wrong"), "the proxy password leaked: {err}");
 }
+
+/// A private sshd on a loopback port, with its own host key and one
+/// authorized client key, stopped when dropped.
+struct Sshd {
+    child: std::process::Child,
+    port: u16,
+    key: std::path::PathBuf,
+}
+
+impl Sshd {
+    fn start() -> Option<Sshd> {
+        if !std::path::Path::new("/usr/sbin/sshd").exists() {
+            return None;
+        }
+        let dir = env().dir.join(format!("sshd-{}", unique()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let keygen = |name: &str| {
+            let st = std::process::Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(dir.join(name))
+                .status()
+                .unwrap();
+            assert!(st.success());
+        };
+        keygen("host_key");
+        keygen("client_key");
+        std::fs::copy(dir.join("client_key.pub"), dir.join("authorized_keys")).unwrap();
+        std::fs::create_dir_all("/run/sshd").unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let conf = format!(
+            "ListenAddress 127.0.0.1:{port}\nHostKey {}\nAuthorizedKeysFile {}\nPidFile {}\n\
+             StrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+             PermitRootLogin prohibit-password\nUsePAM no\nLogLevel ERROR\n",
+            dir.join("host_key").display(),
+            dir.join("authorized_keys").display(),
+            dir.join("sshd.pid").display(),
+        );
+        std::fs::write(dir.join("sshd_config"), conf).unwrap();
+        let mut child = std::process::Command::new("/usr/sbin/sshd")
+            .arg("-D")
+            .arg("-e")
+            .arg("-f")
+            .arg(dir.join("sshd_config"))
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Some(Sshd {
+                    child,
+                    port,
+                    key: dir.join("client_key"),
+                });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("sshd did not start");
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn tunnel_over_real_ssh() {
+    let Some(sshd) = Sshd::start() else {
+        eprintln!("openssh-server not installed: the real-ssh tunnel test is skipped");
+        return;
+    };
+    let rcpt = new_recipient();
+    let case = Case::new(&smtp(), &[&rcpt], "");
+    let remote = dovecot_imap(&case.user).join(" ");
+    use_tunnel(
+        &case,
+        &[
+            "ssh".into(),
+            "-C".into(),
+            "-i".into(),
+            sshd.key.display().to_string(),
+            "-p".into(),
+            sshd.port.to_string(),
+            "-o".into(),
+            "BatchMode=yes".into(),
+            "-o".into(),
+            "StrictHostKeyChecking=no".into(),
+            "-o".into(),
+            "UserKnownHostsFile=/dev/null".into(),
+            "-o".into(),
+            "LogLevel=ERROR".into(),
+            "root@127.0.0.1".into(),
+            remote,
+        ],
+    );
+    for n in 0..3 {
+        drop_message(
+            &case.user,
+            n,
+            &message(n, "bob@remote.test", "over ssh"),
+            false,
+        );
+    }
+    let out = case.run(&["run"]);
+    assert_exit(&out, 0);
+    assert_eq!(wait_delivered(&rcpt, 3).len(), 3);
+    assert!(flags(&case.user, "INBOX")
+        .values()
+        .all(|f| f.contains("\\Seen")));
+}
