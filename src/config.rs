@@ -69,6 +69,10 @@ pub struct RawAccount {
     pub purge_after: Option<PurgeAfter>,
     pub purge_interval: Option<HumanDuration>,
     pub purge_max: Option<u32>,
+    pub idle_timeout: Option<HumanDuration>,
+    pub poll_interval: Option<HumanDuration>,
+    pub catchup_interval: Option<HumanDuration>,
+    pub max_connections: Option<u32>,
 }
 
 /// A mailbox as written: a name, or a table with its own settings.
@@ -187,7 +191,7 @@ pub enum Initial {
 
 /// Where the password comes from. Read only when the account connects, so
 /// that `imapull run other-account` does not run this account's command.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum PasswordSource {
     /// No password: only for a tunnel whose server greets with PREAUTH.
     None,
@@ -238,7 +242,7 @@ pub enum SenderPolicy {
 }
 
 /// One account, complete and checked.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Account {
     pub name: String,
     /// The IMAP host (for a tunnel: a name for logs and the Received header).
@@ -268,6 +272,14 @@ pub struct Account {
     pub purge_interval: Duration,
     /// The most removals per mailbox per purge; more are postponed.
     pub purge_max: u32,
+    /// Daemon: an IDLE is re-issued after this long (RFC 2177: under 30 min).
+    pub idle_timeout: Duration,
+    /// Daemon: how often a mailbox without IDLE is polled.
+    pub poll_interval: Duration,
+    /// Daemon: how often an idling mailbox is checked anyway.
+    pub catchup_interval: Duration,
+    /// Daemon: IMAP connections per account at most.
+    pub max_connections: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -375,7 +387,11 @@ fn merge(d: &RawAccount, a: RawAccount) -> RawAccount {
         max_deferrals,
         purge_after,
         purge_interval,
-        purge_max
+        purge_max,
+        idle_timeout,
+        poll_interval,
+        catchup_interval,
+        max_connections
     )
 }
 
@@ -643,6 +659,19 @@ fn common(
             "must be at least 1 (unset purge_after to never remove)".into(),
         ));
     }
+    let max_connections = a.max_connections.unwrap_or(4);
+    if max_connections == 0 {
+        return Err(here("max_connections", "must be at least 1".into()));
+    }
+    for (key, d) in [
+        ("idle_timeout", a.idle_timeout),
+        ("poll_interval", a.poll_interval),
+        ("catchup_interval", a.catchup_interval),
+    ] {
+        if d.is_some_and(|d| d.0.is_zero()) {
+            return Err(here(key, "must be longer than 0".into()));
+        }
+    }
     let max_deferrals = a.max_deferrals.unwrap_or(5);
     if max_deferrals == 0 {
         return Err(here("max_deferrals", "must be at least 1".into()));
@@ -674,7 +703,15 @@ fn common(
             .map(|d| d.0)
             .unwrap_or(Duration::from_secs(3600)),
         purge_max,
+        idle_timeout: dur(a.idle_timeout, 29 * 60),
+        poll_interval: dur(a.poll_interval, 5 * 60),
+        catchup_interval: dur(a.catchup_interval, 10 * 60),
+        max_connections,
     })
+}
+
+fn dur(d: Option<HumanDuration>, default_secs: u64) -> Duration {
+    d.map(|d| d.0).unwrap_or(Duration::from_secs(default_secs))
 }
 
 /// An address good enough to put in an SMTP envelope: no spaces, controls or

@@ -13,6 +13,7 @@
 //! an exit code; everything else lives here, where the tests reach it.
 
 pub mod config;
+pub mod daemon;
 pub mod deliver;
 pub mod imap;
 pub mod ledger;
@@ -225,67 +226,93 @@ async fn run_account(
         account,
         ledger,
         now: &now_fn,
+        stop: None,
     };
     for mb in &account.mailboxes {
-        let mailbox = &mb.name;
-        let span = tracing::info_span!("mailbox", name = %mailbox);
-        let started = std::time::Instant::now();
-        let outcome = if mode == Mode::Pull {
-            let mut r = PassReport::default();
-            let outcome = pull::pass(&ctx, &mut imap, &mut deliverer, mailbox, &mut r)
-                .instrument(span.clone())
-                .await;
-            span.in_scope(|| log_summary(&r, started));
-            result.report.add(&r);
-            outcome
-        } else {
-            Ok(())
-        };
-        // Retention runs only after a pass that went through: the pass is
-        // what re-keys the ledger after a UIDVALIDITY change.
-        let outcome = match outcome {
-            Ok(()) => purge::purge_mailbox(
-                account,
-                &ctx.ledger,
-                &mut imap,
-                mb,
-                (ctx.now)(),
-                mode == Mode::Purge,
-            )
-            .instrument(span.clone())
-            .await
-            .map(|p| result.removed += p.removed)
-            .map_err(|e| e.context("purging")),
-            Err(e) => Err(e),
-        };
-        match outcome {
-            Ok(()) => {}
-            Err(e) => {
-                // A tunnel that died says why (exit status, its stderr).
-                let e = match imap.tunnel_report() {
-                    Some(r) => e.context(r),
-                    None => e,
-                };
-                let is_ledger = e.downcast_ref::<ledger::LedgerFailure>().is_some();
-                span.in_scope(|| tracing::error!("{e:#}"));
-                result.report.incomplete = true;
-                let code = if is_ledger {
-                    exit::SOFTWARE
-                } else {
-                    exit::UNAVAILABLE
-                };
-                result
-                    .failure
-                    .get_or_insert((code, format!("{mailbox}: {e:#}")));
-                if is_ledger {
-                    break;
-                }
+        let work = work_mailbox(&ctx, &mut imap, &mut deliverer, mb, mode).await;
+        result.report.add(&work.report);
+        result.removed += work.removed;
+        if let Some(e) = work.error {
+            let is_ledger = e.downcast_ref::<ledger::LedgerFailure>().is_some();
+            result.report.incomplete = true;
+            let code = if is_ledger {
+                exit::SOFTWARE
+            } else {
+                exit::UNAVAILABLE
+            };
+            result
+                .failure
+                .get_or_insert((code, format!("{}: {e:#}", mb.name)));
+            if is_ledger {
+                break;
             }
         }
     }
     deliverer.quit().await;
     imap.logout().await;
     result
+}
+
+/// What [`work_mailbox`] did.
+pub(crate) struct Work {
+    pub report: PassReport,
+    pub removed: usize,
+    /// The IMAP side or the ledger failed (already logged).
+    pub error: Option<anyhow::Error>,
+}
+
+/// One mailbox's turn, the same for `run`, `purge` and the daemon: a pass
+/// (in [`Mode::Pull`]), then the purge if one is due.
+pub(crate) async fn work_mailbox(
+    ctx: &Ctx<'_>,
+    imap: &mut imap::Imap,
+    deliverer: &mut Deliverer,
+    mb: &config::MailboxConfig,
+    mode: Mode,
+) -> Work {
+    let span = tracing::info_span!("mailbox", name = %mb.name);
+    let started = std::time::Instant::now();
+    let mut work = Work {
+        report: PassReport::default(),
+        removed: 0,
+        error: None,
+    };
+    let outcome = if mode == Mode::Pull {
+        let outcome = pull::pass(ctx, imap, deliverer, &mb.name, &mut work.report)
+            .instrument(span.clone())
+            .await;
+        span.in_scope(|| log_summary(&work.report, started));
+        outcome
+    } else {
+        Ok(())
+    };
+    // Retention runs only after a pass that went through: the pass is what
+    // re-keys the ledger after a UIDVALIDITY change.
+    let outcome = match outcome {
+        Ok(()) => purge::purge_mailbox(
+            ctx.account,
+            &ctx.ledger,
+            imap,
+            mb,
+            (ctx.now)(),
+            mode == Mode::Purge,
+        )
+        .instrument(span.clone())
+        .await
+        .map(|p| work.removed = p.removed)
+        .map_err(|e| e.context("purging")),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = outcome {
+        // A tunnel that died says why (exit status, its stderr).
+        let e = match imap.tunnel_report() {
+            Some(r) => e.context(r),
+            None => e,
+        };
+        span.in_scope(|| tracing::error!("{e:#}"));
+        work.error = Some(e);
+    }
+    work
 }
 
 fn log_summary(r: &PassReport, started: std::time::Instant) {

@@ -36,6 +36,10 @@ enum Command {
         /// Account names from the config; all when none is given.
         accounts: Vec<String>,
     },
+    /// Watch every configured mailbox and deliver new mail as it arrives
+    /// (IMAP IDLE). SIGTERM/SIGINT stop, SIGHUP reloads the config,
+    /// SIGUSR1 pulls everything now.
+    Daemon,
     /// Print the ledger: one line per message imapull has acted on.
     Status {
         /// Only this account.
@@ -153,6 +157,7 @@ fn real_main(cli: Cli) -> i32 {
                 exit::SOFTWARE
             }
         },
+        Command::Daemon => rt.block_on(daemon(path, config)),
         Command::Purge {
             accounts,
             dry_run: true,
@@ -171,6 +176,58 @@ fn real_main(cli: Cli) -> i32 {
                     eprintln!("imapull: {e:#}");
                     usage_or_software(&e)
                 }
+            }
+        }
+    }
+}
+
+/// Runs the daemon with the process's signals turned into controls.
+async fn daemon(path: PathBuf, config: Config) -> i32 {
+    use imapull::daemon::Control;
+    use tokio::signal::unix::{signal, SignalKind};
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let streams = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+        signal(SignalKind::user_defined1()),
+    );
+    let (Ok(mut term), Ok(mut int), Ok(mut hup), Ok(mut usr1)) = streams else {
+        eprintln!("imapull: cannot install signal handlers");
+        return exit::SOFTWARE;
+    };
+    tokio::spawn(async move {
+        let mut stops = 0;
+        loop {
+            let ctl = tokio::select! {
+                _ = term.recv() => Control::Stop,
+                _ = int.recv() => Control::Stop,
+                _ = hup.recv() => Control::Reload,
+                _ = usr1.recv() => Control::PullNow,
+            };
+            if ctl == Control::Stop {
+                stops += 1;
+                if stops > 1 {
+                    // A second SIGTERM: no more waiting. The ledger is
+                    // consistent at every commit, so this loses nothing.
+                    tracing::warn!("second stop signal: exiting now");
+                    std::process::exit(exit::OK);
+                }
+            }
+            if tx.send(ctl).await.is_err() {
+                return;
+            }
+        }
+    });
+    let now: imapull::Clock = Arc::new(imapull::system_now);
+    match imapull::daemon::run_daemon(path, config, rx, now).await {
+        Ok(()) => exit::OK,
+        Err(e) => {
+            eprintln!("imapull: {e:#}");
+            if e.downcast_ref::<imapull::lock::Busy>().is_some() {
+                exit::CANTCREAT
+            } else {
+                exit::SOFTWARE
             }
         }
     }

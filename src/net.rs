@@ -44,7 +44,9 @@ where
 #[derive(Debug)]
 pub struct IdleTimeout<T> {
     inner: T,
-    limit: Duration,
+    /// Milliseconds; shared so that the owner can lengthen it while the
+    /// connection is meant to be quiet (IMAP IDLE).
+    limit: Arc<std::sync::atomic::AtomicU64>,
     read_deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     write_deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
@@ -53,10 +55,20 @@ impl<T> IdleTimeout<T> {
     pub fn new(inner: T, limit: Duration) -> IdleTimeout<T> {
         IdleTimeout {
             inner,
-            limit,
+            limit: Arc::new(std::sync::atomic::AtomicU64::new(limit.as_millis() as u64)),
             read_deadline: None,
             write_deadline: None,
         }
+    }
+
+    /// The limit, to change it later (milliseconds). A change applies
+    /// from the next wait on.
+    pub fn limit_handle(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.limit.clone()
+    }
+
+    fn limit(&self) -> Duration {
+        Duration::from_millis(self.limit.load(std::sync::atomic::Ordering::Relaxed))
     }
 }
 
@@ -91,7 +103,8 @@ impl<T: AsyncRead + Unpin> AsyncRead for IdleTimeout<T> {
                 std::task::Poll::Ready(r)
             }
             std::task::Poll::Pending => {
-                poll_deadline(&mut this.read_deadline, this.limit, cx).map(Err)
+                let limit = this.limit();
+                poll_deadline(&mut this.read_deadline, limit, cx).map(Err)
             }
         }
     }
@@ -110,7 +123,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleTimeout<T> {
                 std::task::Poll::Ready(r)
             }
             std::task::Poll::Pending => {
-                poll_deadline(&mut this.write_deadline, this.limit, cx).map(Err)
+                let limit = this.limit();
+                poll_deadline(&mut this.write_deadline, limit, cx).map(Err)
             }
         }
     }
@@ -126,7 +140,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleTimeout<T> {
                 std::task::Poll::Ready(r)
             }
             std::task::Poll::Pending => {
-                poll_deadline(&mut this.write_deadline, this.limit, cx).map(Err)
+                let limit = this.limit();
+                poll_deadline(&mut this.write_deadline, limit, cx).map(Err)
             }
         }
     }

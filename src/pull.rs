@@ -53,6 +53,16 @@ pub struct Ctx<'a> {
     pub ledger: LedgerHandle,
     /// Seconds since the epoch; injected so tests can move time.
     pub now: &'a (dyn Fn() -> i64 + Sync),
+    /// Set when the daemon is stopping: the message in flight finishes,
+    /// the rest waits for the next start.
+    pub stop: Option<&'a std::sync::atomic::AtomicBool>,
+}
+
+impl Ctx<'_> {
+    fn stopping(&self) -> bool {
+        self.stop
+            .is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst))
+    }
 }
 
 /// Runs one pass of `mailbox`. An `Err` means the IMAP side failed; what was
@@ -275,6 +285,11 @@ async fn fetch_and_deliver(
         let mut consecutive_deferrals = 0u32;
         let mut stopped = false;
         while let Some(f) = rx.recv().await {
+            if ctx.stopping() {
+                tracing::info!(mailbox, "stopping: the rest waits for the next start");
+                stopped = true;
+                break;
+            }
             let uid = f.uid.expect("checked by the fetch side");
             let body = f.body().expect("checked by the fetch side");
             let outcome = deliver_one(ctx, deliverer, mailbox, uv, uid, &f, body, already).await?;

@@ -10,6 +10,8 @@
 pub mod utf7;
 
 use std::collections::{BTreeSet, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _, Result};
@@ -51,6 +53,19 @@ pub struct Imap {
     pub peer: String,
     pub timeout: Duration,
     pub tunnel: Option<TunnelInfo>,
+    /// The socket's silence limit, lengthened while idling.
+    read_limit: Arc<AtomicU64>,
+}
+
+/// How an IDLE ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdleEnd {
+    /// The server reported something (EXISTS, EXPUNGE, FETCH...).
+    NewData,
+    /// The wait ran out: time for a catch-up pass.
+    Timeout,
+    /// We ended it (pull now, stop).
+    Woken,
 }
 
 /// What SELECT tells a pass.
@@ -66,11 +81,13 @@ impl Imap {
         let limit = account.imap_timeout;
         let unavailable = |e: anyhow::Error| ConnectError::Unavailable(e);
 
-        let (mut client, peer, tunnel) = match &account.connect {
+        let (mut client, peer, tunnel, read_limit) = match &account.connect {
             Connect::Tunnel { command, stderr } => {
                 let peer = format!("tunnel {}", account.host);
                 let (io, info) = tunnel::spawn(command, *stderr).map_err(unavailable)?;
-                let (shim, armed) = PreauthShim::new(IdleTimeout::new(io, limit));
+                let io = IdleTimeout::new(io, limit);
+                let read_limit = io.limit_handle();
+                let (shim, armed) = PreauthShim::new(io);
                 let mut c = async_imap::Client::new(Box::new(shim) as BoxIo);
                 let greeting = read_greeting(&mut c, &peer, limit, true)
                     .await
@@ -85,9 +102,9 @@ impl Imap {
                     })
                     .await
                     .map_err(unavailable)?;
-                    return Imap::ready(account, session, peer, Some(info)).await;
+                    return Imap::ready(account, session, peer, Some(info), read_limit).await;
                 }
-                (c, peer, Some(info))
+                (c, peer, Some(info), read_limit)
             }
             Connect::Tcp { proxy } => {
                 let peer = format!("{}:{}", account.host, account.port);
@@ -96,6 +113,7 @@ impl Imap {
                     .map_err(unavailable)?;
                 // Every read and write below is bounded by silence, not by size.
                 let tcp = IdleTimeout::new(tcp, limit);
+                let read_limit = tcp.limit_handle();
                 let c = match account.tls {
                     TlsMode::Implicit => {
                         let tls = tls_wrap(account, Box::new(tcp))
@@ -141,7 +159,7 @@ impl Imap {
                         async_imap::Client::new(tls)
                     }
                 };
-                (c, peer, None)
+                (c, peer, None, read_limit)
             }
         };
         let caps = client_capabilities(&mut client, &peer, limit)
@@ -198,7 +216,7 @@ impl Imap {
                 }
                 _ => ConnectError::Unavailable(e),
             })?;
-        Imap::ready(account, session, peer, tunnel).await
+        Imap::ready(account, session, peer, tunnel, read_limit).await
     }
 
     /// After authentication: capabilities, COMPRESS.
@@ -207,6 +225,7 @@ impl Imap {
         mut session: Session,
         peer: String,
         tunnel: Option<TunnelInfo>,
+        read_limit: Arc<AtomicU64>,
     ) -> Result<Imap, ConnectError> {
         let limit = account.imap_timeout;
         let unavailable = |e: anyhow::Error| ConnectError::Unavailable(e);
@@ -230,12 +249,76 @@ impl Imap {
             peer,
             timeout: limit,
             tunnel,
+            read_limit,
         })
     }
 
     /// Why the tunnel command ended, if this is a tunnel and it has.
     pub fn tunnel_report(&self) -> Option<String> {
         self.tunnel.as_ref().and_then(TunnelInfo::exit_report)
+    }
+
+    /// IDLE (RFC 2177) for at most `wait`, or until `wake` is notified.
+    /// Consumes the connection and gives it back after DONE. A connection
+    /// that dies while idling is an error, not a wake-up: async-imap reports
+    /// EOF like our own interrupt, so which one it was is tracked here.
+    pub async fn idle(self, wait: Duration, wake: &tokio::sync::Notify) -> Result<(Imap, IdleEnd)> {
+        let Imap {
+            session,
+            caps,
+            peer,
+            timeout,
+            tunnel,
+            read_limit,
+        } = self;
+        // While idling the server may be silent up to its keepalive
+        // interval: let the socket wait as long as the IDLE itself.
+        let normal = read_limit.load(Ordering::Relaxed);
+        read_limit.store(
+            (wait + Duration::from_secs(60)).as_millis() as u64,
+            Ordering::Relaxed,
+        );
+        let mut handle = session.idle();
+        timed(&peer, timeout, handle.init())
+            .await
+            .with_context(|| format!("IDLE on {peer}"))?;
+        let mut woken = false;
+        let response = {
+            let (fut, interrupt) = handle.wait_with_timeout(wait);
+            let mut fut = std::pin::pin!(fut);
+            tokio::select! {
+                r = &mut fut => r,
+                _ = wake.notified() => {
+                    woken = true;
+                    drop(interrupt);
+                    fut.await
+                }
+            }
+        }
+        .with_context(|| format!("IDLE on {peer}"))?;
+        read_limit.store(normal, Ordering::Relaxed);
+        let end = match response {
+            async_imap::extensions::idle::IdleResponse::NewData(_) => IdleEnd::NewData,
+            async_imap::extensions::idle::IdleResponse::Timeout => IdleEnd::Timeout,
+            async_imap::extensions::idle::IdleResponse::ManualInterrupt if woken => IdleEnd::Woken,
+            async_imap::extensions::idle::IdleResponse::ManualInterrupt => {
+                bail!("{peer} closed the connection during IDLE")
+            }
+        };
+        let session = timed(&peer, timeout, handle.done())
+            .await
+            .with_context(|| format!("DONE on {peer}"))?;
+        Ok((
+            Imap {
+                session,
+                caps,
+                peer,
+                timeout,
+                tunnel,
+                read_limit,
+            },
+            end,
+        ))
     }
 
     pub fn has(&self, cap: &str) -> bool {

@@ -34,12 +34,28 @@ impl FakeSmtp {
         FakeSmtp::with_size(100_000_000, decide)
     }
 
+    /// Accepting everything, on a chosen port (a server that "comes back").
+    pub fn start_on(port: u16) -> FakeSmtp {
+        FakeSmtp::bind(
+            TcpListener::bind(("127.0.0.1", port)).unwrap(),
+            100_000_000,
+            |_, _| "250 ok".into(),
+        )
+    }
+
     /// Like [`FakeSmtp::start`], announcing `SIZE size` in its EHLO reply.
     pub fn with_size(
         size: u64,
         decide: impl Fn(usize, &Got) -> String + Send + Sync + 'static,
     ) -> FakeSmtp {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        FakeSmtp::bind(TcpListener::bind("127.0.0.1:0").unwrap(), size, decide)
+    }
+
+    fn bind(
+        listener: TcpListener,
+        size: u64,
+        decide: impl Fn(usize, &Got) -> String + Send + Sync + 'static,
+    ) -> FakeSmtp {
         listener.set_nonblocking(true).unwrap();
         let port = listener.local_addr().unwrap().port();
         let got = Arc::new(Mutex::new(Vec::new()));
@@ -53,6 +69,7 @@ impl FakeSmtp {
                 while !stop.load(Ordering::SeqCst) {
                     match listener.accept() {
                         Ok((s, _)) => {
+                            s.set_nonblocking(false).unwrap();
                             connections.fetch_add(1, Ordering::SeqCst);
                             let (got, decide, counter) =
                                 (got.clone(), decide.clone(), counter.clone());
@@ -420,6 +437,18 @@ fn mail_session(s: TcpStream, caps: &str, state: &Mutex<MailState>) -> std::io::
                 st.inbox.len(),
                 st.uidnext
             )),
+            "IDLE" => {
+                // Accept IDLE, then say nothing until DONE: the silent
+                // server the catch-up check is for.
+                drop(st);
+                w.write_all(b"+ idling\r\n")?;
+                let mut done = String::new();
+                if r.read_line(&mut done)? == 0 {
+                    return Ok(());
+                }
+                w.write_all(format!("{tag} OK IDLE done\r\n").as_bytes())?;
+                continue;
+            }
             "LIST" => out.push_str(
                 "* LIST (\\HasNoChildren) \"/\" INBOX\r\n* LIST (\\HasNoChildren \\Trash) \"/\" \"[Gmail]/Trash\"\r\n",
             ),

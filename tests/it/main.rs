@@ -5,6 +5,7 @@
 mod fake;
 mod harness;
 
+mod daemon;
 mod faults;
 mod kill;
 mod pull;

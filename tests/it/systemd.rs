@@ -18,7 +18,11 @@ fn unit_files_verify() {
     let dir = env().dir.join(format!("units-{}", unique()));
     std::fs::create_dir_all(&dir).unwrap();
     let src = root().join("systemd");
-    for name in ["imapull-run@.service", "imapull-run@.timer"] {
+    for name in [
+        "imapull-run@.service",
+        "imapull-run@.timer",
+        "imapull.service",
+    ] {
         // verify insists that ExecStart's program exists: use the one built.
         let text = std::fs::read_to_string(src.join(name))
             .unwrap()

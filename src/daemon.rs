@@ -1,0 +1,582 @@
+//! `imapull daemon`: every configured mailbox watched at once, new mail
+//! delivered within seconds.
+//!
+//! One task per watched mailbox, each with its own IMAP connection, up to
+//! `max_connections` per account; mailboxes beyond that share the last
+//! connection and are polled in turn. A task runs the same pass as
+//! `imapull run`, then IDLEs (or sleeps, without IDLE) until the server
+//! reports something, the catch-up interval runs out, or it is woken. Any
+//! error ends the connection; the task reconnects after a backoff. The
+//! supervisor owns the tasks: it starts them, reloads them on SIGHUP
+//! (restarting only those whose settings changed), wakes them on SIGUSR1,
+//! stops them on SIGTERM, and reports to systemd.
+//!
+//! Signals reach this module as [`Control`] messages: `main` owns the
+//! signal handlers, so tests and other callers can drive the daemon with a
+//! channel (the mini-redis shape: shutdown is a parameter).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use sd_notify::NotifyState;
+use tokio::sync::{mpsc, Notify};
+use tracing::Instrument as _;
+
+use crate::config::{Account, Config, MailboxConfig};
+use crate::deliver::Deliverer;
+use crate::imap::{ConnectError, IdleEnd, Imap};
+use crate::ledger::{Ledger, LedgerHandle};
+use crate::lock::{self, AccountLock};
+use crate::pull::Ctx;
+use crate::{work_mailbox, Clock, Mode};
+
+/// What the outside world asks of the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// SIGTERM, SIGINT: finish the messages in flight, log out, exit.
+    Stop,
+    /// SIGHUP: re-read the configuration.
+    Reload,
+    /// SIGUSR1: a pass on every mailbox now.
+    PullNow,
+}
+
+/// How long a stopping daemon waits for its tasks (a message in flight,
+/// DONE, LOGOUT, QUIT) before it exits anyway.
+const STOP_GRACE: Duration = Duration::from_secs(30);
+/// A connection that lived this long resets the backoff.
+const HEALTHY: Duration = Duration::from_secs(60);
+/// How often STATUS is refreshed (and the watchdog fed, at most this far
+/// apart unless systemd asks for more often).
+const STATUS_EVERY: Duration = Duration::from_secs(10);
+/// Authentication failures are logged at most this often per task.
+const AUTH_LOG_EVERY: Duration = Duration::from_secs(3600);
+
+/// Exponential backoff with jitter: 1 s doubling to a 5 minute cap. Pure:
+/// the caller supplies the randomness.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    pub const FIRST: Duration = Duration::from_secs(1);
+    pub const CAP: Duration = Duration::from_secs(300);
+
+    pub fn new() -> Backoff {
+        Backoff { next: Self::FIRST }
+    }
+
+    /// The delay before the next attempt. `jitter` in [0, 1) spreads it
+    /// over [d/2, d), so that many tasks do not reconnect in lockstep.
+    /// `to_cap` jumps straight to the cap (authentication failures).
+    pub fn delay(&mut self, jitter: f64, to_cap: bool) -> Duration {
+        if to_cap {
+            self.next = Self::CAP;
+        }
+        let d = self.next;
+        self.next = (self.next * 2).min(Self::CAP);
+        d.mul_f64(0.5 + jitter.clamp(0.0, 0.999) / 2.0)
+    }
+
+    pub fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff::new()
+    }
+}
+
+/// A cheap random number in [0, 1) for jitter (no crate needed for that).
+fn jitter() -> f64 {
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0) as u64;
+    let x = n
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (x >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// What one task watches: an account and one or more of its mailboxes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskSpec {
+    pub account: Account,
+    pub mailboxes: Vec<MailboxConfig>,
+}
+
+impl TaskSpec {
+    fn key(&self) -> String {
+        let names: Vec<&str> = self.mailboxes.iter().map(|m| m.name.as_str()).collect();
+        format!("{}:{}", self.account.name, names.join(","))
+    }
+}
+
+/// The tasks a configuration asks for: one per mailbox while the account's
+/// connection cap allows, the rest sharing the last connection.
+pub fn plan_tasks(config: &Config) -> Vec<TaskSpec> {
+    let mut out = Vec::new();
+    for a in &config.accounts {
+        let cap = a.max_connections as usize;
+        let mbs = &a.mailboxes;
+        let own = if mbs.len() <= cap { mbs.len() } else { cap - 1 };
+        for m in &mbs[..own] {
+            out.push(TaskSpec {
+                account: a.clone(),
+                mailboxes: vec![m.clone()],
+            });
+        }
+        if own < mbs.len() {
+            out.push(TaskSpec {
+                account: a.clone(),
+                mailboxes: mbs[own..].to_vec(),
+            });
+        }
+    }
+    out
+}
+
+/// Shared live figures for the STATUS line.
+#[derive(Default)]
+struct Status {
+    connected: AtomicUsize,
+    delivered: AtomicUsize,
+    failing: Mutex<HashMap<String, String>>,
+    last_delivery: Mutex<Option<String>>,
+}
+
+impl Status {
+    fn line(&self, tasks: usize) -> String {
+        let failing = self.failing.lock().map(|f| f.len()).unwrap_or(0);
+        let last = self
+            .last_delivery
+            .lock()
+            .ok()
+            .and_then(|l| l.clone())
+            .unwrap_or_else(|| "none yet".into());
+        format!(
+            "{}/{} connected, {} delivered, {} failing; last delivery: {}",
+            self.connected.load(Ordering::Relaxed),
+            tasks,
+            self.delivered.load(Ordering::Relaxed),
+            failing,
+            last
+        )
+    }
+}
+
+struct Running {
+    spec: TaskSpec,
+    stop: Arc<AtomicBool>,
+    wake: Arc<Notify>,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+/// Runs the daemon until [`Control::Stop`] (or the channel closes).
+pub async fn run_daemon(
+    config_path: PathBuf,
+    config: Config,
+    mut control: mpsc::Receiver<Control>,
+    now: Clock,
+) -> Result<()> {
+    raise_nofile_limit();
+    let ledger = {
+        let path = config.ledger.clone();
+        LedgerHandle::new(tokio::task::spawn_blocking(move || Ledger::open(&path)).await??)
+    };
+    let mut locks: HashMap<String, AccountLock> = HashMap::new();
+    for a in &config.accounts {
+        // A held lock means a timer run or another daemon: refuse to start
+        // rather than race it.
+        locks.insert(a.name.clone(), lock::try_lock(&config.ledger, &a.name)?);
+    }
+    let status = Arc::new(Status::default());
+    let mut config = config;
+    let mut tasks: HashMap<String, Running> = HashMap::new();
+    for spec in plan_tasks(&config) {
+        start_task(&mut tasks, spec, &ledger, &now, &status);
+    }
+    let _ = sd_notify::notify(&[NotifyState::Ready]);
+    tracing::info!(tasks = tasks.len(), "daemon started");
+
+    let watchdog = sd_notify::watchdog_enabled();
+    let tick_every = watchdog.map_or(STATUS_EVERY, |w| (w / 2).min(STATUS_EVERY));
+    let mut tick = tokio::time::interval(tick_every);
+    loop {
+        tokio::select! {
+            ctl = control.recv() => match ctl {
+                None | Some(Control::Stop) => break,
+                Some(Control::PullNow) => {
+                    tracing::info!("pulling every mailbox now");
+                    for t in tasks.values() {
+                        t.wake.notify_one();
+                    }
+                }
+                Some(Control::Reload) => {
+                    let _ = sd_notify::notify(&[
+                        NotifyState::Reloading,
+                        monotonic_now(),
+                    ]);
+                    match Config::load(&config_path) {
+                        Err(e) => tracing::error!("configuration not reloaded, keeping the old one: {e}"),
+                        Ok(new) => {
+                            reload(&mut tasks, &mut locks, &new, &ledger, &now, &status).await;
+                            config = new;
+                        }
+                    }
+                    let _ = sd_notify::notify(&[NotifyState::Ready]);
+                }
+            },
+            _ = tick.tick() => {
+                // The watchdog is fed only while every task is alive: a
+                // panicked task means the supervisor lost one.
+                let healthy = tasks.values().all(|t| !t.handle.is_finished());
+                let line = status.line(tasks.len());
+                let _ = sd_notify::notify(&[NotifyState::Status(&line)]);
+                if healthy && watchdog.is_some() {
+                    let _ = sd_notify::notify(&[NotifyState::Watchdog]);
+                }
+            }
+        }
+    }
+    let _ = sd_notify::notify(&[NotifyState::Stopping]);
+    tracing::info!("stopping: finishing the messages in flight");
+    let handles: Vec<_> = tasks
+        .into_values()
+        .map(|t| {
+            t.stop.store(true, Ordering::SeqCst);
+            t.wake.notify_one();
+            t.handle
+        })
+        .collect();
+    if tokio::time::timeout(STOP_GRACE, futures_util::future::join_all(handles))
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "some tasks did not finish within {}s; exiting anyway",
+            STOP_GRACE.as_secs()
+        );
+    }
+    drop(locks);
+    let _ = config;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn monotonic_now() -> NotifyState<'static> {
+    NotifyState::monotonic_usec_now().unwrap_or(NotifyState::Custom("MONOTONIC_USEC=0"))
+}
+
+/// Starts, stops or restarts only the tasks whose settings changed.
+async fn reload(
+    tasks: &mut HashMap<String, Running>,
+    locks: &mut HashMap<String, AccountLock>,
+    new: &Config,
+    ledger: &LedgerHandle,
+    now: &Clock,
+    status: &Arc<Status>,
+) {
+    let wanted: HashMap<String, TaskSpec> =
+        plan_tasks(new).into_iter().map(|s| (s.key(), s)).collect();
+    let stale: Vec<String> = tasks
+        .iter()
+        .filter(|(k, t)| wanted.get(*k) != Some(&t.spec))
+        .map(|(k, _)| k.clone())
+        .collect();
+    let mut stopping = Vec::new();
+    for k in &stale {
+        if let Some(t) = tasks.remove(k) {
+            t.stop.store(true, Ordering::SeqCst);
+            t.wake.notify_one();
+            stopping.push(t.handle);
+        }
+    }
+    let _ = tokio::time::timeout(STOP_GRACE, futures_util::future::join_all(stopping)).await;
+    // Locks follow the accounts.
+    locks.retain(|name, _| new.account(name).is_some());
+    let mut started = 0;
+    for (k, spec) in wanted {
+        if tasks.contains_key(&k) {
+            continue;
+        }
+        if !locks.contains_key(&spec.account.name) {
+            match lock::try_lock(&new.ledger, &spec.account.name) {
+                Ok(l) => {
+                    locks.insert(spec.account.name.clone(), l);
+                }
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    continue;
+                }
+            }
+        }
+        start_task(tasks, spec, ledger, now, status);
+        started += 1;
+    }
+    tracing::info!(
+        stopped = stale.len(),
+        started,
+        running = tasks.len(),
+        "configuration reloaded"
+    );
+}
+
+fn start_task(
+    tasks: &mut HashMap<String, Running>,
+    spec: TaskSpec,
+    ledger: &LedgerHandle,
+    now: &Clock,
+    status: &Arc<Status>,
+) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let wake = Arc::new(Notify::new());
+    let key = spec.key();
+    let span = tracing::info_span!("watch", account = %spec.account.name);
+    let handle = tokio::spawn(
+        watch(
+            spec.clone(),
+            ledger.clone(),
+            now.clone(),
+            stop.clone(),
+            wake.clone(),
+            status.clone(),
+        )
+        .instrument(span),
+    );
+    tasks.insert(
+        key,
+        Running {
+            spec,
+            stop,
+            wake,
+            handle,
+        },
+    );
+}
+
+/// One watched mailbox (or group): connect, serve, back off, again.
+async fn watch(
+    spec: TaskSpec,
+    ledger: LedgerHandle,
+    now: Clock,
+    stop: Arc<AtomicBool>,
+    wake: Arc<Notify>,
+    status: Arc<Status>,
+) {
+    let key = spec.key();
+    let mut backoff = Backoff::new();
+    let mut last_auth_log: Option<Instant> = None;
+    while !stop.load(Ordering::SeqCst) {
+        let (error, to_cap) = match Imap::connect(&spec.account).await {
+            Err(ConnectError::Auth(e)) => {
+                if last_auth_log.is_none_or(|t| t.elapsed() >= AUTH_LOG_EVERY) {
+                    tracing::error!(
+                        "{e:#} (retrying every {} minutes; logged once an hour)",
+                        Backoff::CAP.as_secs() / 60
+                    );
+                    last_auth_log = Some(Instant::now());
+                }
+                (format!("{e:#}"), true)
+            }
+            Err(ConnectError::Unavailable(e)) => {
+                tracing::warn!("{e:#}");
+                (format!("{e:#}"), false)
+            }
+            Ok(imap) => {
+                status.connected.fetch_add(1, Ordering::Relaxed);
+                if let Ok(mut f) = status.failing.lock() {
+                    f.remove(&key);
+                }
+                let since = Instant::now();
+                let r = serve(&spec, imap, &ledger, &now, &stop, &wake, &status).await;
+                status.connected.fetch_sub(1, Ordering::Relaxed);
+                if since.elapsed() >= HEALTHY {
+                    backoff.reset();
+                }
+                match r {
+                    Ok(()) => return,
+                    Err(e) => {
+                        tracing::warn!("connection lost: {e:#}");
+                        (format!("{e:#}"), false)
+                    }
+                }
+            }
+        };
+        if let Ok(mut f) = status.failing.lock() {
+            f.insert(key.clone(), error);
+        }
+        let delay = backoff.delay(jitter(), to_cap);
+        tracing::debug!("reconnecting in {:.1}s", delay.as_secs_f64());
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = wake.notified() => {}
+        }
+    }
+}
+
+/// Serves one connection until an error (returned) or a stop (Ok).
+async fn serve(
+    spec: &TaskSpec,
+    mut imap: Imap,
+    ledger: &LedgerHandle,
+    now: &Clock,
+    stop: &AtomicBool,
+    wake: &Notify,
+    status: &Status,
+) -> Result<()> {
+    let account = &spec.account;
+    let mut deliverer = Deliverer::new(
+        account.deliver.clone(),
+        account.ehlo.clone(),
+        account.deliver_timeout,
+    );
+    let now_fn = {
+        let now = now.clone();
+        move || now()
+    };
+    let ctx = Ctx {
+        account,
+        ledger: ledger.clone(),
+        now: &now_fn,
+        stop: Some(stop),
+    };
+    // IDLE watches the selected mailbox only: a shared connection polls.
+    let idle = spec.mailboxes.len() == 1 && imap.has("IDLE");
+    let result = loop {
+        for mb in &spec.mailboxes {
+            let work = work_mailbox(&ctx, &mut imap, &mut deliverer, mb, Mode::Pull).await;
+            if work.report.delivered > 0 {
+                status
+                    .delivered
+                    .fetch_add(work.report.delivered as usize, Ordering::Relaxed);
+                if let Ok(mut l) = status.last_delivery.lock() {
+                    *l = Some(format!(
+                        "{} {}/{}",
+                        chrono::DateTime::from_timestamp(now(), 0)
+                            .unwrap_or_default()
+                            .format("%Y-%m-%d %H:%M:%S UTC"),
+                        account.name,
+                        mb.name
+                    ));
+                }
+            }
+            if let Some(e) = work.error {
+                deliverer.quit().await;
+                return Err(e);
+            }
+        }
+        // Sessions to the local server are opened when there is mail and
+        // not kept between passes.
+        deliverer.quit().await;
+        if stop.load(Ordering::SeqCst) {
+            break Ok(());
+        }
+        if idle {
+            // Re-issued before idle_timeout, and a pass at least every
+            // catchup_interval: an IDLE that died silently costs minutes.
+            let wait = account.idle_timeout.min(account.catchup_interval);
+            match imap.idle(wait, wake).await {
+                Ok((i, end)) => {
+                    imap = i;
+                    tracing::debug!(?end, "IDLE ended");
+                    if end == IdleEnd::Woken && stop.load(Ordering::SeqCst) {
+                        break Ok(());
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        } else {
+            let wait = account.poll_interval.min(account.catchup_interval);
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = wake.notified() => {}
+            }
+        }
+    };
+    deliverer.quit().await;
+    if result.is_ok() {
+        imap.logout().await;
+    }
+    result
+}
+
+/// A daemon holds a connection per watched mailbox: raise the soft limit
+/// on open files to the hard limit (the unit also sets LimitNOFILE=).
+fn raise_nofile_limit() {
+    // SAFETY: getrlimit/setrlimit with a valid, initialised struct.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_the_cap_with_jitter() {
+        let mut b = Backoff::new();
+        let full: Vec<u64> = (0..12)
+            .map(|_| b.delay(0.999, false).as_millis() as u64)
+            .collect();
+        // With jitter near 1 the delay is just under the nominal value.
+        assert!(full[0] > 900 && full[0] < 1000, "{full:?}");
+        assert!(full[1] > 1900 && full[1] < 2000, "{full:?}");
+        assert!(full.iter().all(|&d| d < 300_000));
+        assert!(full[11] > 290_000, "{full:?}");
+        let mut b = Backoff::new();
+        assert_eq!(b.delay(0.0, false), Duration::from_millis(500));
+        b.reset();
+        assert_eq!(b.delay(0.0, true), Duration::from_secs(150));
+        assert_eq!(b.delay(0.0, false), Duration::from_secs(150));
+    }
+
+    #[test]
+    fn jitter_is_in_range() {
+        for _ in 0..100 {
+            let j = jitter();
+            assert!((0.0..1.0).contains(&j));
+        }
+    }
+
+    #[test]
+    fn tasks_respect_the_connection_cap() {
+        let text = r#"
+ledger = "/tmp/x"
+[accounts.a]
+host = "h"
+username = "u"
+password = "p"
+deliver = "smtp://127.0.0.1:25"
+recipients = ["r@x"]
+mailboxes = ["A", "B", "C", "D", "E"]
+max_connections = 3
+[accounts.b]
+host = "h"
+username = "u"
+password = "p"
+deliver = "smtp://127.0.0.1:25"
+recipients = ["r@x"]
+mailboxes = ["X", "Y"]
+"#;
+        let c = Config::parse(std::path::Path::new("t.toml"), text).unwrap();
+        let keys: Vec<String> = plan_tasks(&c).iter().map(TaskSpec::key).collect();
+        assert_eq!(keys, vec!["a:A", "a:B", "a:C,D,E", "b:X", "b:Y"]);
+    }
+}

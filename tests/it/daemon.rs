@@ -1,0 +1,354 @@
+//! `imapull daemon` against the real servers and scripted ones.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::fake::{fake_message, FakeSmtp, MailServer};
+use crate::harness::*;
+
+/// A running daemon whose log goes to a file; killed if still running
+/// when dropped.
+struct Daemon {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(case: &Case) -> Daemon {
+        let log = case.dir.join(format!("daemon-{}.log", unique()));
+        let child = Command::new(env!("CARGO_BIN_EXE_imapull"))
+            .arg("--config")
+            .arg(&case.config)
+            .args(["-v", "daemon"])
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let d = Daemon { child, log };
+        d.wait_log("daemon started", 1);
+        d
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until `what` appears `n` times in the log.
+    #[track_caller]
+    fn wait_log(&self, what: &str, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.log().matches(what).count() < n {
+            assert!(
+                Instant::now() < deadline,
+                "waited for {n}× {what:?}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: our own child's PID.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    fn stop(mut self) -> (Option<i32>, String) {
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return (st.code(), self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the daemon did not stop:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn save(user: &str, mailbox: &str, msg: &[u8]) {
+    use std::io::Write;
+    let mut c = Command::new("doveadm")
+        .arg("-c")
+        .arg(&env().dovecot_conf)
+        .args(["save", "-u", user, "-m", mailbox])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.stdin.take().unwrap().write_all(msg).unwrap();
+    assert!(c.wait().unwrap().success());
+}
+
+/// Adds a second account (another user) to the case's config.
+fn add_account(case: &Case, user: &str, extra: &str) {
+    let t = std::fs::read_to_string(&case.config).unwrap();
+    let first = t.split("[accounts.").nth(1).unwrap();
+    let body: String = first
+        .lines()
+        .skip(1)
+        .filter(|l| !l.starts_with("username") && !l.starts_with("mailboxes"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(
+        &case.config,
+        format!("{t}\n[accounts.{user}]\nusername = {user:?}\n{body}{extra}\n"),
+    )
+    .unwrap();
+}
+
+#[test]
+fn idle_delivers_within_seconds_on_every_mailbox() {
+    let rcpt = new_recipient();
+    let case = Case::new(&smtp(), &[&rcpt], "mailboxes = [\"INBOX\", \"Work\"]");
+    doveadm(&["mailbox", "create", "-u", &case.user, "Work"]);
+    let other = new_user();
+    add_account(&case, &other, "");
+    let d = Daemon::start(&case);
+    // The first passes are done and all three connections idle.
+    d.wait_log("pass done", 3);
+    std::thread::sleep(Duration::from_millis(500));
+    let targets = [
+        (case.user.clone(), "INBOX"),
+        (case.user.clone(), "Work"),
+        (other.clone(), "INBOX"),
+    ];
+    let mut delays = Vec::new();
+    for (i, (user, mailbox)) in targets.iter().enumerate() {
+        let t0 = Instant::now();
+        save(
+            user,
+            mailbox,
+            &message(100 + i as u32, "bob@remote.test", mailbox),
+        );
+        assert_eq!(wait_delivered(&rcpt, i + 1).len(), i + 1, "{}", d.log());
+        delays.push(t0.elapsed());
+    }
+    eprintln!("daemon latency, APPEND to delivery into Postfix's Maildir: {delays:?}");
+    let (code, log) = d.stop();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(log.contains("stopped"), "{log}");
+}
+
+#[test]
+fn sighup_adds_and_removes_mailboxes_and_survives_a_broken_config() {
+    let rcpt = new_recipient();
+    let case = Case::new(&smtp(), &[&rcpt], "");
+    doveadm(&["mailbox", "create", "-u", &case.user, "Work"]);
+    let d = Daemon::start(&case);
+    d.wait_log("pass done", 1);
+    let good = std::fs::read_to_string(&case.config).unwrap();
+    // Add a mailbox.
+    std::fs::write(
+        &case.config,
+        format!("{good}mailboxes = [\"INBOX\", \"Work\"]\n"),
+    )
+    .unwrap();
+    d.signal(libc::SIGHUP);
+    d.wait_log("configuration reloaded", 1);
+    save(&case.user, "Work", &message(1, "bob@remote.test", "work"));
+    assert_eq!(wait_delivered(&rcpt, 1).len(), 1, "{}", d.log());
+    // A broken config is refused; the old one keeps running.
+    std::fs::write(&case.config, format!("{good}mailboxes = 7\n")).unwrap();
+    d.signal(libc::SIGHUP);
+    d.wait_log("configuration not reloaded", 1);
+    assert!(d.log().contains("line"), "{}", d.log());
+    save(&case.user, "Work", &message(2, "bob@remote.test", "still"));
+    assert_eq!(wait_delivered(&rcpt, 2).len(), 2, "{}", d.log());
+    // Remove it again: only INBOX is watched.
+    std::fs::write(&case.config, &good).unwrap();
+    d.signal(libc::SIGHUP);
+    d.wait_log("configuration reloaded", 2);
+    let log = d.log();
+    assert!(log.contains("stopped=1"), "{log}");
+    save(&case.user, "INBOX", &message(3, "bob@remote.test", "inbox"));
+    assert_eq!(wait_delivered(&rcpt, 3).len(), 3, "{}", d.log());
+    assert_eq!(d.stop().0, Some(0));
+}
+
+#[test]
+fn local_server_down_defers_then_delivers_after_it_is_back() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let case = Case::new(&format!("smtp://127.0.0.1:{port}"), &["x@example.test"], "");
+    let d = Daemon::start(&case);
+    d.wait_log("pass done", 1);
+    save(&case.user, "INBOX", &message(1, "bob@remote.test", "x"));
+    d.wait_log("deferred", 1);
+    assert_eq!(case.state_of(1), "deferred");
+    // The server comes back; SIGUSR1 pulls (and retries) now.
+    let smtp = FakeSmtp::start_on(port);
+    d.signal(libc::SIGUSR1);
+    d.wait_log("delivered mailbox", 1);
+    assert_eq!(smtp.messages().len(), 1);
+    assert_eq!(case.state_of(1), "delivered");
+    assert_eq!(d.stop().0, Some(0));
+}
+
+#[test]
+fn silent_idle_is_caught_up_and_servers_without_idle_are_polled() {
+    for caps in ["IDLE UIDPLUS", "UIDPLUS"] {
+        let server = MailServer::start(caps, vec![fake_message(1)]);
+        let smtp = FakeSmtp::start(|_, _| "250 ok".into());
+        let case = Case::new(
+            &smtp.url(),
+            &["x@example.test"],
+            "initial = \"all\"\ncatchup_interval = \"2s\"\npoll_interval = \"1s\"",
+        );
+        let t = std::fs::read_to_string(&case.config)
+            .unwrap()
+            .replace(
+                &format!("port = {}", env().imaps_port),
+                &format!("port = {}\ntls = \"none\"", server.port),
+            )
+            .replace("host = \"localhost\"", "host = \"127.0.0.1\"");
+        std::fs::write(&case.config, t).unwrap();
+        let d = Daemon::start(&case);
+        d.wait_log("delivered mailbox", 1);
+        // New mail the server never announces.
+        {
+            let mut st = server.state.lock().unwrap();
+            let uid = st.uidnext;
+            st.uidnext += 1;
+            st.inbox.push(crate::fake::Msg {
+                uid,
+                flags: Default::default(),
+                body: fake_message(2),
+            });
+        }
+        d.wait_log("delivered mailbox", 2);
+        assert_eq!(smtp.messages().len(), 2);
+        let cmds = server.commands();
+        assert_eq!(
+            cmds.iter().any(|c| c.ends_with(" IDLE")),
+            caps.contains("IDLE"),
+            "{caps}: {cmds:?}"
+        );
+        assert_eq!(d.stop().0, Some(0));
+    }
+}
+
+#[test]
+fn dovecot_restart_is_survived() {
+    // A Dovecot of its own: the shared one serves the other tests.
+    let dir = env().dir.join(format!("own-{}", unique()));
+    let script = root().join("scripts/testenv.sh");
+    assert!(Command::new(&script)
+        .arg("start")
+        .arg(&dir)
+        .status()
+        .unwrap()
+        .success());
+    struct Stop(PathBuf, PathBuf);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            let _ = Command::new(&self.0).arg("stop").arg(&self.1).status();
+        }
+    }
+    let _stop = Stop(script.clone(), dir.clone());
+    assert!(Command::new(&script)
+        .arg("adduser")
+        .arg(&dir)
+        .arg("demo")
+        .status()
+        .unwrap()
+        .success());
+    let vars = std::fs::read_to_string(dir.join("env")).unwrap();
+    let var = |k: &str| {
+        vars.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .unwrap()
+            .to_string()
+    };
+    let conf = var("DOVECOT_CONF");
+    let smtp = FakeSmtp::start(|_, _| "250 ok".into());
+    let case = Case::new(&smtp.url(), &["x@example.test"], "");
+    let t = std::fs::read_to_string(&case.config)
+        .unwrap()
+        .replace(
+            &format!("port = {}", env().imaps_port),
+            &format!("port = {}", var("IMAPS_PORT")),
+        )
+        .replace(&env().ca_file.display().to_string(), &var("CA_FILE"))
+        .replace(
+            &format!("username = {:?}", case.user),
+            "username = \"demo\"",
+        );
+    std::fs::write(&case.config, t).unwrap();
+    let d = Daemon::start(&case);
+    d.wait_log("pass done", 1);
+    // Stop Dovecot; mail arrives meanwhile (straight into the Maildir).
+    let pid: i32 = std::fs::read_to_string(dir.join("dovecot/run/master.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    d.wait_log("connection lost", 1);
+    let md = dir.join("home/demo/Maildir");
+    for sub in ["new", "cur", "tmp"] {
+        std::fs::create_dir_all(md.join(sub)).unwrap();
+    }
+    std::fs::write(
+        md.join("new/1.restart.test"),
+        message(1, "bob@remote.test", "while down"),
+    )
+    .unwrap();
+    std::process::Command::new("chown")
+        .args(["-R", "nobody:nogroup"])
+        .arg(&md)
+        .status()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(Command::new("dovecot")
+        .arg("-c")
+        .arg(&conf)
+        .status()
+        .unwrap()
+        .success());
+    d.wait_log("delivered mailbox", 1);
+    assert_eq!(smtp.messages().len(), 1);
+    assert_eq!(d.stop().0, Some(0));
+}
+
+#[test]
+fn sigterm_during_a_large_delivery_loses_nothing() {
+    // A slow local server: the message is in flight when SIGTERM comes.
+    let smtp = FakeSmtp::start(|_, _| {
+        std::thread::sleep(Duration::from_secs(2));
+        "250 ok".into()
+    });
+    let case = Case::new(&smtp.url(), &["x@example.test"], "");
+    let big = message(1, "bob@remote.test", &"z".repeat(5_000_000));
+    drop_message(&case.user, 1, &big, false);
+    drop_message(&case.user, 2, &message(2, "bob@remote.test", "next"), false);
+    let d = Daemon::start(&case);
+    while smtp.connections.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (code, log) = d.stop();
+    assert_eq!(code, Some(0), "{log}");
+    // The message in flight finished and is recorded; the next one waits.
+    assert_eq!(smtp.messages().len(), 1, "{log}");
+    assert_eq!(case.state_of(1), "delivered");
+    assert_eq!(case.state_of(2), "none");
+    // The next start delivers the rest, nothing twice.
+    let d = Daemon::start(&case);
+    d.wait_log("delivered mailbox", 1);
+    assert_eq!(d.stop().0, Some(0));
+    assert_eq!(smtp.messages().len(), 2);
+}
