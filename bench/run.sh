@@ -1,0 +1,200 @@
+#!/usr/bin/env bash
+# The throughput benchmark: imapull, pullimap and fetchmail pull the same
+# mailbox over IMAPS from a throwaway Dovecot into the same receiver
+# (Postfix's smtp-sink), on 127.0.0.1; plus the limit, a bare client that
+# issues one UID FETCH 1:* and discards the bytes. Run it as root on Debian:
+#
+#   bench/run.sh [N] [RUNS] [MIX]     default: 1000 messages, 3 runs, realistic
+#   bench/run.sh memory               peak RSS: a 50 MB message among small
+#                                     ones; 1,000 vs 50,000 small messages
+#
+# It prints a table with medians of RUNS runs and the ratios of each tool
+# to imapull and to the limit. docs/performance.md has the latest figures.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+scripts/install-deps.sh
+need=()
+command -v pullimap >/dev/null || need+=(pullimap)
+command -v fetchmail >/dev/null || need+=(fetchmail)
+[[ -x /usr/bin/time ]] || need+=(time)
+if ((${#need[@]})); then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+cargo build --release --quiet --bin imapull --example bench-tools
+imapull=$root/target/release/imapull
+tools=$root/target/release/examples/bench-tools
+
+work=$(mktemp -d /tmp/imapull-bench.XXXXXX)
+sink_pid=
+cleanup() {
+    [[ -n $sink_pid ]] && kill "$sink_pid" 2>/dev/null || true
+    "$root/scripts/testenv.sh" stop "$work" || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+scripts/testenv.sh start "$work" >/dev/null
+# shellcheck disable=SC1091
+source "$work/env"
+scripts/testenv.sh adduser "$work" demo
+user=demo
+maildir=$HOMES/$user/Maildir
+
+# The receiver: smtp-sink, dumping each message to a file so that the
+# benchmark can check that every message arrived.
+sink_port=$(( 20000 + RANDOM % 40000 ))
+dump=$work/dump
+mkdir -p "$dump"
+chown nobody "$dump"
+smtp-sink -u nobody -d "$dump/%H%M%S." -c "127.0.0.1:$sink_port" 512 >/dev/null &
+sink_pid=$!
+sleep 0.5
+
+# Restores the seeded mailbox: every message unread, fresh Dovecot indexes
+# (built before the timed run, so no tool pays for them).
+restore() {
+    rm -rf "$maildir"
+    cp -a "$work/template" "$maildir"
+    chown -R nobody:nogroup "$HOMES/$user"
+    doveadm -c "$DOVECOT_CONF" force-resync -u "$user" INBOX
+    doveadm -c "$DOVECOT_CONF" mailbox status -u "$user" messages INBOX >/dev/null
+    find "$dump" -type f -delete
+}
+
+# Runs one tool under /usr/bin/time; prints "wall user sys maxrss_kb".
+timed() {
+    /usr/bin/time -f "%e %U %S %M" -o "$work/time" "$@" >"$work/out" 2>&1 || {
+        echo "bench: $1 failed:" >&2
+        tail -5 "$work/out" >&2
+        return 1
+    }
+    cat "$work/time"
+}
+
+write_configs() {
+    cat > "$work/imapull.toml" <<CONF
+ledger = "$work/ledger.sqlite3"
+[accounts.bench]
+host = "localhost"
+port = $IMAPS_PORT
+ca_file = "$CA_FILE"
+username = "$user"
+password = "secret"
+deliver = "smtp://127.0.0.1:$sink_port"
+recipients = ["bench@example.test"]
+initial = "all"
+compress = ${COMPRESS:-false}
+CONF
+    chmod 600 "$work/imapull.toml"
+    cat > "$work/pullimap.conf" <<CONF
+[bench]
+type = imaps
+host = localhost
+port = $IMAPS_PORT
+SSL_CAfile = $CA_FILE
+username = $user
+password = secret
+statefile = $work/pullimap.state
+deliver-method = smtp:[127.0.0.1]:$sink_port
+deliver-rcpt = bench@example.test
+compress = ${COMPRESS_PULLIMAP:-NO}
+CONF
+    cat > "$work/fetchmailrc" <<CONF
+set no bouncemail
+set no syslog
+poll localhost port $IMAPS_PORT protocol IMAP
+    user "$user" password "secret" is "bench@example.test" here
+    ssl sslcertck sslcertfile "$CA_FILE"
+    smtphost 127.0.0.1/$sink_port
+    keep fetchall
+CONF
+    chmod 600 "$work/fetchmailrc"
+}
+
+run_tool() {
+    case $1 in
+        imapull)
+            rm -f "$work"/ledger.sqlite3*
+            timed "$imapull" --config "$work/imapull.toml" -q run
+            ;;
+        pullimap)
+            rm -f "$work/pullimap.state"
+            timed pullimap --config="$work/pullimap.conf" --quiet bench
+            ;;
+        fetchmail)
+            rm -f "$work/fetchmail.ids"
+            timed fetchmail -f "$work/fetchmailrc" --idfile "$work/fetchmail.ids" -N -s
+            ;;
+        limit)
+            timed "$tools" barefetch localhost "$IMAPS_PORT" "$user" secret "$CA_FILE"
+            ;;
+    esac
+}
+
+median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+
+# bench N RUNS MIX TOOLS...
+bench() {
+    local n=$1 runs=$2 mix=$3
+    shift 3
+    rm -rf "$work/template"
+    "$tools" seed "$work/template" "$n" 42 "$mix" | tee "$work/seed"
+    local bytes
+    bytes=$(awk '{print $3}' "$work/seed")
+    write_configs
+    printf '\n%-10s %9s %8s %8s %8s %9s %9s %9s\n' tool msgs/s MB/s wall_s cpu_s rss_MB "x imapull" "x limit"
+    declare -A rate
+    for tool in limit "$@"; do
+        : > "$work/runs"
+        for _ in $(seq 1 "$runs"); do
+            restore
+            local t_wall t_user t_sys t_rss
+            read -r t_wall t_user t_sys t_rss < <(run_tool "$tool")
+            if [[ $tool != limit ]]; then
+                got=$(find "$dump" -type f | wc -l)
+                if ((got != n)); then
+                    echo "bench: $tool delivered $got of $n messages" >&2
+                fi
+            fi
+            echo "$t_wall $t_user $t_sys $t_rss" >> "$work/runs"
+        done
+        wall=$(awk '{print $1}' "$work/runs" | median)
+        cpu=$(awk '{print $2 + $3}' "$work/runs" | median)
+        rss=$(awk '{print $4}' "$work/runs" | median)
+        rate[$tool]=$(awk -v n="$n" -v w="$wall" 'BEGIN {printf "%.1f", n / (w > 0 ? w : 0.001)}')
+        local mbs
+        mbs=$(awk -v b="$bytes" -v w="$wall" 'BEGIN {printf "%.1f", b / 1e6 / (w > 0 ? w : 0.001)}')
+        local vs_imapull="-"
+        [[ -n ${rate[imapull]:-} ]] && vs_imapull=$(awk -v a="${rate[$tool]}" -v b="${rate[imapull]}" 'BEGIN {printf "%.3f", a / b}')
+        local vs_limit
+        vs_limit=$(awk -v a="${rate[$tool]}" -v b="${rate[limit]}" 'BEGIN {printf "%.3f", a / b}')
+        printf '%-10s %9s %8s %8s %8s %9s %9s %9s\n' "$tool" "${rate[$tool]}" "$mbs" "$wall" "$cpu" \
+            "$(awk -v k="$rss" 'BEGIN {printf "%.1f", k / 1024}')" "$vs_imapull" "$vs_limit"
+    done
+}
+
+case ${1:-} in
+    memory)
+        echo "== peak RSS: one 50 MB message among 200 small ones"
+        bench 201 1 big50 imapull
+        echo "== peak RSS: 1,000 small messages"
+        bench 1000 1 small imapull
+        echo "== peak RSS: 50,000 small messages"
+        bench 50000 1 small imapull
+        ;;
+    *)
+        n=${1:-1000}
+        runs=${2:-3}
+        mix=${3:-realistic}
+        echo "== $n messages ($mix mix), median of $runs runs, over IMAPS on 127.0.0.1 into smtp-sink"
+        bench "$n" "$runs" "$mix" imapull pullimap fetchmail
+        echo
+        echo "== a second imapull run with nothing new (one SELECT, no FETCH, no SMTP connection)"
+        restore
+        rm -f "$work"/ledger.sqlite3*
+        "$imapull" --config "$work/imapull.toml" -q run
+        /usr/bin/time -f "%e s wall, %U+%S s CPU" "$imapull" --config "$work/imapull.toml" -q run
+        ;;
+esac

@@ -1,0 +1,206 @@
+//! Helpers for bench/run.sh, built as a cargo example (`bench-tools`):
+//!
+//! - `seed DIR N SEED [MIX]`: writes N messages into the Maildir DIR,
+//!   deterministically from SEED. MIX `realistic` (default): 90 % text of
+//!   2–20 KB, 9.7 % with a base64 attachment of 100 KB–2 MB (log-uniform),
+//!   0.3 % of 10 MB; `small`: 2–20 KB only; `big50`: small ones plus one
+//!   50 MB message.
+//! - `barefetch HOST PORT USER PASSWORD CAFILE`: the limit. Logs in over
+//!   TLS, selects INBOX, issues one `UID FETCH 1:* BODY.PEEK[]` and reads
+//!   the answer to the end, discarding it. Prints messages and bytes.
+
+use std::io::Write;
+use std::path::Path;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A small deterministic generator (PCG-style LCG; no crate needed).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 11
+    }
+    fn unit(&mut self) -> f64 {
+        self.next() as f64 / (1u64 << 53) as f64
+    }
+    fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo)
+    }
+}
+
+const WORDS: &[&str] = &[
+    "the", "mail", "server", "message", "delivery", "queue", "relay", "imap", "local", "about",
+    "meeting", "tomorrow", "please", "attached", "report", "thanks", "regards", "project",
+    "update", "review", "would", "could", "should", "before", "after", "weekend", "invoice",
+    "budget",
+];
+
+fn text(rng: &mut Rng, size: usize, out: &mut Vec<u8>) {
+    let start = out.len();
+    let mut line = 0;
+    while out.len() - start < size {
+        let w = WORDS[rng.range(0, WORDS.len() as u64) as usize];
+        out.extend_from_slice(w.as_bytes());
+        line += w.len() + 1;
+        if line > 70 {
+            out.extend_from_slice(b"\r\n");
+            line = 0;
+        } else {
+            out.push(b' ');
+        }
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn base64_lines(rng: &mut Rng, size: usize, out: &mut Vec<u8>) {
+    const B64: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut n = 0;
+    while n < size {
+        for _ in 0..76 {
+            out.push(B64[(rng.next() & 63) as usize]);
+        }
+        out.extend_from_slice(b"\r\n");
+        n += 78;
+    }
+}
+
+fn message(rng: &mut Rng, i: u64, size: usize) -> Vec<u8> {
+    let mut m = format!(
+        "Return-Path: <sender{}@bench.example>\r\nFrom: Sender {} <sender{}@bench.example>\r\n\
+         To: bench@example.test\r\nSubject: benchmark message {i}\r\n\
+         Date: Mon, 23 Nov 2026 10:00:00 +0000\r\nMessage-ID: <bench{i}@bench.example>\r\n\
+         MIME-Version: 1.0\r\n",
+        i % 97,
+        i % 97,
+        i % 97
+    )
+    .into_bytes();
+    if size < 50_000 {
+        m.extend_from_slice(b"Content-Type: text/plain; charset=us-ascii\r\n\r\n");
+        text(rng, size, &mut m);
+    } else {
+        m.extend_from_slice(
+            b"Content-Type: multipart/mixed; boundary=\"b\"\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\n",
+        );
+        text(rng, 2000, &mut m);
+        m.extend_from_slice(
+            b"--b\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n",
+        );
+        base64_lines(rng, size, &mut m);
+        m.extend_from_slice(b"--b--\r\n");
+    }
+    m
+}
+
+fn seed(dir: &Path, n: u64, seed: u64, mix: &str) -> std::io::Result<()> {
+    let mut rng = Rng(seed);
+    for sub in ["new", "cur", "tmp"] {
+        std::fs::create_dir_all(dir.join(sub))?;
+    }
+    let mut total = 0u64;
+    for i in 0..n {
+        let size = match mix {
+            "small" => rng.range(2_000, 20_000) as usize,
+            "big50" if i == n / 2 => 50_000_000,
+            "big50" => rng.range(2_000, 20_000) as usize,
+            _ => {
+                let p = rng.unit();
+                if p < 0.9 {
+                    rng.range(2_000, 20_000) as usize
+                } else if p < 0.997 {
+                    (100_000f64 * 20f64.powf(rng.unit())) as usize
+                } else {
+                    10_000_000
+                }
+            }
+        };
+        let m = message(&mut rng, i, size);
+        total += m.len() as u64;
+        // Unread, in cur/ so Dovecot need not move it: "N.bench:2,".
+        let mut f = std::fs::File::create(
+            dir.join("cur")
+                .join(format!("{}.{i}.bench:2,", 1_700_000_000 + i)),
+        )?;
+        f.write_all(&m)?;
+    }
+    println!(
+        "{n} messages, {total} bytes, mean {} bytes",
+        total / n.max(1)
+    );
+    Ok(())
+}
+
+async fn barefetch(host: &str, port: u16, user: &str, pass: &str, ca: &str) -> anyhow::Result<()> {
+    let tcp = tokio::net::TcpStream::connect((host, port)).await?;
+    tcp.set_nodelay(true)?;
+    let cert = native_tls::Certificate::from_pem(&std::fs::read(ca)?)?;
+    let tls = async_native_tls::TlsConnector::new()
+        .add_root_certificate(cert)
+        .connect(host, tcp)
+        .await?;
+    let mut s = tokio::io::BufStream::with_capacity(256 * 1024, 256 * 1024, tls);
+    let mut buf = vec![0u8; 256 * 1024];
+    // Greeting, LOGIN, SELECT: small answers, read until the tag.
+    async fn until<S: tokio::io::AsyncRead + Unpin>(
+        s: &mut S,
+        buf: &mut [u8],
+        tag: &[u8],
+    ) -> anyhow::Result<u64> {
+        let mut tail: Vec<u8> = Vec::new();
+        let mut total = 0u64;
+        loop {
+            let n = s.read(buf).await?;
+            anyhow::ensure!(n > 0, "connection closed");
+            total += n as u64;
+            tail.extend_from_slice(&buf[..n]);
+            if tail.windows(tag.len()).any(|w| w == tag) {
+                return Ok(total);
+            }
+            let keep = tail.len().saturating_sub(tag.len());
+            tail.drain(..keep);
+        }
+    }
+    until(&mut s, &mut buf, b"\r\n").await?;
+    s.write_all(format!("a LOGIN \"{user}\" \"{pass}\"\r\nb SELECT INBOX\r\n").as_bytes())
+        .await?;
+    s.flush().await?;
+    until(&mut s, &mut buf, b"\r\nb OK").await?;
+    let t0 = std::time::Instant::now();
+    s.write_all(b"c UID FETCH 1:* BODY.PEEK[]\r\n").await?;
+    s.flush().await?;
+    let bytes = until(&mut s, &mut buf, b"\r\nc OK").await?;
+    let secs = t0.elapsed().as_secs_f64();
+    println!("barefetch: {bytes} bytes in {secs:.3}s");
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("seed") => {
+            let mix = args.get(5).map(String::as_str).unwrap_or("realistic");
+            seed(Path::new(&args[2]), args[3].parse()?, args[4].parse()?, mix)?;
+        }
+        Some("barefetch") => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(barefetch(
+                &args[2],
+                args[3].parse()?,
+                &args[4],
+                &args[5],
+                &args[6],
+            ))?;
+        }
+        _ => anyhow::bail!(
+            "usage: bench-tools seed DIR N SEED [MIX] | barefetch HOST PORT USER PASS CAFILE"
+        ),
+    }
+    Ok(())
+}
