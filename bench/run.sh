@@ -189,7 +189,8 @@ case ${1:-} in
         runs=${2:-3}
         mix=${3:-realistic}
         echo "== $n messages ($mix mix), median of $runs runs, over IMAPS on 127.0.0.1 into smtp-sink"
-        bench "$n" "$runs" "$mix" imapull pullimap fetchmail
+        # shellcheck disable=SC2086
+        bench "$n" "$runs" "$mix" ${BENCH_TOOLS:-imapull pullimap fetchmail}
         echo
         echo "== a second imapull run with nothing new (one SELECT, no FETCH, no SMTP connection)"
         restore

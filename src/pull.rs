@@ -155,20 +155,14 @@ pub async fn pass(
     // anything else is a FETCH that failed part-way.
     let mut missing_error = None;
     if !stopped_early && fetch_error.is_none() {
-        let missing: Vec<u32> = retry
+        let missing: BTreeSet<u32> = retry
             .iter()
             .chain(&new)
             .copied()
             .filter(|u| !attempted.contains(u))
             .collect();
         if !missing.is_empty() {
-            let mut still_there = BTreeSet::new();
-            for set in uid_sets(&missing) {
-                still_there.extend(imap.search(&format!("UID {set}")).await?);
-            }
-            // A server may answer with more than was asked (`UID n:*`
-            // always matches the last message); only the missing count.
-            still_there.retain(|u| missing.contains(u));
+            let still_there = imap.which_exist(&missing).await?;
             let gone: Vec<u32> = missing
                 .iter()
                 .copied()

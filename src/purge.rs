@@ -108,7 +108,7 @@ pub async fn remove(
         )));
     }
     let wanted: BTreeSet<u32> = uids.iter().copied().collect();
-    let present = still_present(imap, &wanted).await?;
+    let present = imap.which_exist(&wanted).await?;
     if present.is_empty() {
         return Ok(Removal::Removed {
             uids: wanted.into_iter().collect(),
@@ -156,7 +156,7 @@ pub async fn remove(
         Method::Expunge
     };
     // The reply streams end quietly on NO: check what is really gone.
-    let left = still_present(imap, &present).await?;
+    let left = imap.which_exist(&present).await?;
     if !left.is_empty() {
         bail!(
             "{} still holds {} of the messages it was asked to remove from {mailbox:?} (UIDs {:?})",
@@ -169,18 +169,6 @@ pub async fn remove(
         uids: wanted.into_iter().collect(),
         method,
     })
-}
-
-/// Which of `uids` the selected mailbox still holds.
-async fn still_present(imap: &mut Imap, uids: &BTreeSet<u32>) -> Result<BTreeSet<u32>> {
-    let v: Vec<u32> = uids.iter().copied().collect();
-    let mut found = BTreeSet::new();
-    for set in crate::imap::uid_sets(&v) {
-        found.extend(imap.search(&format!("UID {set}")).await?);
-    }
-    // `UID n:*` style answers may name more than was asked.
-    found.retain(|u| uids.contains(u));
-    Ok(found)
 }
 
 /// What one purge of one mailbox did.

@@ -353,6 +353,19 @@ impl Imap {
         Ok(r.into_iter().collect())
     }
 
+    /// Which of `uids` the selected mailbox still holds (a search, in
+    /// batches). Servers may answer `UID n:*` with more than was asked;
+    /// only the asked-for UIDs are returned.
+    pub async fn which_exist(&mut self, uids: &BTreeSet<u32>) -> Result<BTreeSet<u32>> {
+        let v: Vec<u32> = uids.iter().copied().collect();
+        let mut found = BTreeSet::new();
+        for set in uid_sets(&v) {
+            found.extend(self.search(&format!("UID {set}")).await?);
+        }
+        found.retain(|u| uids.contains(u));
+        Ok(found)
+    }
+
     /// Starts `UID FETCH set items`. The stream's reads are bounded by the
     /// connection's idle timeout, so a large message may take as long as it
     /// needs while bytes keep arriving.
