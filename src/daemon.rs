@@ -199,7 +199,6 @@ pub async fn run_daemon(
         locks.insert(a.name.clone(), lock::try_lock(&config.ledger, &a.name)?);
     }
     let status = Arc::new(Status::default());
-    let mut config = config;
     let mut tasks: HashMap<String, Running> = HashMap::new();
     for spec in plan_tasks(&config) {
         start_task(&mut tasks, spec, &ledger, &now, &status);
@@ -227,10 +226,7 @@ pub async fn run_daemon(
                     ]);
                     match Config::load(&config_path) {
                         Err(e) => tracing::error!("configuration not reloaded, keeping the old one: {e}"),
-                        Ok(new) => {
-                            reload(&mut tasks, &mut locks, &new, &ledger, &now, &status).await;
-                            config = new;
-                        }
+                        Ok(new) => reload(&mut tasks, &mut locks, &new, &ledger, &now, &status).await,
                     }
                     let _ = sd_notify::notify(&[NotifyState::Ready]);
                 }
@@ -267,7 +263,6 @@ pub async fn run_daemon(
         );
     }
     drop(locks);
-    let _ = config;
     tracing::info!("stopped");
     Ok(())
 }
