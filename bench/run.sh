@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The throughput benchmark: imapull, pullimap and fetchmail pull the same
 # mailbox over IMAPS from a throwaway Dovecot into the same receiver
-# (Postfix's smtp-sink), on 127.0.0.1; plus the limit, a bare client that
-# issues one UID FETCH 1:* and discards the bytes. Run it as root on Debian:
+# (Postfix's smtp-sink), on 127.0.0.1; plus PullIMAP with TCP_NODELAY forced
+# by an LD_PRELOAD shim (pullimap-nd, bench/nodelay.c), and the limit, a
+# bare client that issues one UID FETCH 1:* and discards the bytes. Run it as root on Debian:
 #
 #   bench/run.sh [N] [RUNS] [MIX]     default: 1000 messages, 3 runs, realistic
 #   bench/run.sh memory               peak RSS: a 50 MB message among small
@@ -24,6 +25,8 @@ if ((${#need[@]})); then
 fi
 cargo build --release --quiet --bin imapull --example bench-tools
 imapull=$root/target/release/imapull
+nodelay=$(mktemp /tmp/imapull-nodelay.XXXXXX.so)
+cc -shared -fPIC -O2 -o "$nodelay" bench/nodelay.c -ldl
 tools=$root/target/release/examples/bench-tools
 
 work=$(mktemp -d /tmp/imapull-bench.XXXXXX)
@@ -31,7 +34,7 @@ sink_pid=
 cleanup() {
     [[ -n $sink_pid ]] && kill "$sink_pid" 2>/dev/null || true
     "$root/scripts/testenv.sh" stop "$work" || true
-    rm -rf "$work"
+    rm -rf "$work" "$nodelay"
 }
 trap cleanup EXIT
 
@@ -123,6 +126,12 @@ run_tool() {
             rm -f "$work/pullimap.state"
             timed pullimap --config="$work/pullimap.conf" --quiet bench
             ;;
+        pullimap-nd)
+            # PullIMAP with TCP_NODELAY forced on its sockets: its stall
+            # removed, to compare pipelines rather than a socket option.
+            rm -f "$work/pullimap.state"
+            LD_PRELOAD=$nodelay timed pullimap --config="$work/pullimap.conf" --quiet bench
+            ;;
         fetchmail)
             rm -f "$work/fetchmail.ids"
             timed fetchmail -f "$work/fetchmailrc" --idfile "$work/fetchmail.ids" -N -s
@@ -190,7 +199,7 @@ case ${1:-} in
         mix=${3:-realistic}
         echo "== $n messages ($mix mix), median of $runs runs, over IMAPS on 127.0.0.1 into smtp-sink"
         # shellcheck disable=SC2086
-        bench "$n" "$runs" "$mix" ${BENCH_TOOLS:-imapull pullimap fetchmail}
+        bench "$n" "$runs" "$mix" ${BENCH_TOOLS:-imapull pullimap pullimap-nd fetchmail}
         echo
         echo "== a second imapull run with nothing new (one SELECT, no FETCH, no SMTP connection)"
         restore
