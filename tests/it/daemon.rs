@@ -209,14 +209,7 @@ fn silent_idle_is_caught_up_and_servers_without_idle_are_polled() {
             &["x@example.test"],
             "initial = \"all\"\ncatchup_interval = \"2s\"\npoll_interval = \"1s\"",
         );
-        let t = std::fs::read_to_string(&case.config)
-            .unwrap()
-            .replace(
-                &format!("port = {}", env().imaps_port),
-                &format!("port = {}\ntls = \"none\"", server.port),
-            )
-            .replace("host = \"localhost\"", "host = \"127.0.0.1\"");
-        std::fs::write(&case.config, t).unwrap();
+        case.use_imap_at(server.port, "none");
         let d = Daemon::start(&case);
         d.wait_log("delivered mailbox", 1);
         // New mail the server never announces.

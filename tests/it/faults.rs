@@ -83,7 +83,7 @@ fn tls_pin_is_checked() {
 fn starttls_not_offered_is_refused_before_login() {
     let fake = FakeImap::start(ImapFault::NoStarttls);
     let case = Case::new(&smtp(), &["x@example.test"], "");
-    use_fake_imap(&case, &fake, "starttls");
+    case.use_imap_at(fake.port, "starttls");
     let out = case.run(&["run"]);
     assert_exit(&out, 69);
     assert!(
@@ -104,27 +104,16 @@ fn starttls_not_offered_is_refused_before_login() {
 fn preauth_on_a_network_connection_is_refused() {
     let fake = FakeImap::start(ImapFault::Preauth);
     let case = Case::new(&smtp(), &["x@example.test"], "");
-    use_fake_imap(&case, &fake, "none");
+    case.use_imap_at(fake.port, "none");
     let out = case.run(&["run"]);
     assert_exit(&out, 69);
     assert!(stderr(&out).contains("PREAUTH"), "{}", stderr(&out));
 }
 
-/// Points the case's account at the fake IMAP server on 127.0.0.1.
-fn use_fake_imap(case: &Case, fake: &FakeImap, tls: &str) {
-    edit(case, |t| {
-        t.replace(
-            &format!("port = {}", env().imaps_port),
-            &format!("port = {}\ntls = \"{tls}\"", fake.port),
-        )
-        .replace("host = \"localhost\"", "host = \"127.0.0.1\"")
-    });
-}
-
 fn fake_imap_case(fault: ImapFault, smtp: &FakeSmtp) -> (FakeImap, Case) {
     let fake = FakeImap::start(fault);
     let case = Case::new(&smtp.url(), &["x@example.test"], "initial = \"all\"");
-    use_fake_imap(&case, &fake, "none");
+    case.use_imap_at(fake.port, "none");
     (fake, case)
 }
 

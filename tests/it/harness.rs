@@ -348,6 +348,19 @@ impl Case {
         }
     }
 
+    /// Points the account at a scripted IMAP server on 127.0.0.1:`port`,
+    /// with `tls` ("none", "starttls").
+    pub fn use_imap_at(&self, port: u16, tls: &str) {
+        let t = std::fs::read_to_string(&self.config)
+            .unwrap()
+            .replace(
+                &format!("port = {}", env().imaps_port),
+                &format!("port = {port}\ntls = \"{tls}\""),
+            )
+            .replace("host = \"localhost\"", "host = \"127.0.0.1\"");
+        std::fs::write(&self.config, t).unwrap();
+    }
+
     pub fn run(&self, args: &[&str]) -> Output {
         imapull(&self.config, args)
     }

@@ -229,14 +229,7 @@ fn fake_case(server: &MailServer, smtp: &FakeSmtp, extra: &str) -> Case {
         &["x@example.test"],
         &format!("initial = \"all\"\n{extra}"),
     );
-    let t = std::fs::read_to_string(&case.config)
-        .unwrap()
-        .replace(
-            &format!("port = {}", env().imaps_port),
-            &format!("port = {}\ntls = \"none\"", server.port),
-        )
-        .replace("host = \"localhost\"", "host = \"127.0.0.1\"");
-    std::fs::write(&case.config, t).unwrap();
+    case.use_imap_at(server.port, "none");
     case
 }
 
