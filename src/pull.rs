@@ -278,6 +278,8 @@ async fn fetch_and_deliver(
         let mut to_flag = Vec::new();
         let mut consecutive_deferrals = 0u32;
         let mut stopped = false;
+        // The fsync of the last recorded delivery, still running.
+        let mut barrier = None;
         while let Some(f) = rx.recv().await {
             if ctx.stopping() {
                 tracing::info!(mailbox, "stopping: the rest waits for the next start");
@@ -286,7 +288,18 @@ async fn fetch_and_deliver(
             }
             let uid = f.uid.expect("checked by the fetch side");
             let body = f.body().expect("checked by the fetch side");
-            let outcome = deliver_one(ctx, deliverer, mailbox, uv, uid, &f, body, already).await?;
+            let outcome = deliver_one(
+                ctx,
+                deliverer,
+                mailbox,
+                uv,
+                uid,
+                &f,
+                body,
+                already,
+                &mut barrier,
+            )
+            .await?;
             attempted.insert(uid);
             match outcome {
                 Outcome::Delivered => {
@@ -317,6 +330,13 @@ async fn fetch_and_deliver(
             }
         }
         drop(rx);
+        // Everything recorded is on disk before flags are stored or the
+        // watermark moves.
+        if let Some(b) = barrier {
+            b.await
+                .context("ledger sync task")?
+                .map_err(|e| e.context(crate::ledger::LedgerFailure))?;
+        }
         Ok::<_, anyhow::Error>((attempted, to_flag, stopped))
     };
 
@@ -336,6 +356,7 @@ async fn deliver_one(
     f: &Fetch,
     body: &[u8],
     already: &HashMap<u32, Vec<String>>,
+    barrier: &mut Option<crate::deliver::client::Barrier>,
 ) -> Result<Outcome> {
     let a = ctx.account;
     let done: &[String] = already.get(&uid).map(Vec::as_slice).unwrap_or(&[]);
@@ -373,8 +394,11 @@ async fn deliver_one(
                 },
                 &prefix,
                 body,
+                barrier,
             )
             .await
+            // Not sent: the previous delivery may not be on disk. Stop.
+            .map_err(|e| anyhow::Error::new(e).context(crate::ledger::LedgerFailure))?
     };
     let mut delivered_to = done.to_vec();
     delivered_to.extend(d.accepted.iter().cloned());
@@ -402,6 +426,9 @@ async fn deliver_one(
         .call(move |l| l.record(&attempt))
         .await
         .context("recording a delivery in the ledger")?;
+    // The next message's final "." waits for this fsync (see
+    // Deliverer::deliver); meanwhile the rest of it is already on the wire.
+    *barrier = Some(ctx.ledger.sync());
     let mid = message_id.as_deref().unwrap_or("-");
     // One line per message; the level says how it went.
     macro_rules! log {

@@ -72,6 +72,17 @@ pub struct Deliverer {
     pub connections: u32,
 }
 
+/// Something that must be finished before a message may be accepted: the
+/// fsync that makes the previous delivery's ledger row durable.
+pub type Barrier = tokio::task::JoinHandle<anyhow::Result<()>>;
+
+/// The barrier failed: the previous delivery may not be on disk. The
+/// message in flight was not completed (its connection was dropped before
+/// the final "."), and the pass must stop.
+#[derive(Debug, thiserror::Error)]
+#[error("the ledger could not be synced to disk: {0}")]
+pub struct BarrierFailed(pub String);
+
 /// Why a session ended abruptly; the message in flight is deferred.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -99,8 +110,30 @@ impl Deliverer {
     /// Delivers one message. `prefix` (a trace header, already CRLF-ended) is
     /// sent before `msg`. Never returns an error: every failure is an
     /// outcome, so that the pass goes on with the next message.
-    pub async fn deliver(&mut self, env: &Envelope, prefix: &[u8], msg: &[u8]) -> Delivery {
-        match self.try_deliver(env, prefix, msg).await {
+    ///
+    /// `barrier`, if given, is awaited before the message's final bytes and
+    /// its terminating "." are sent: the server cannot accept this message
+    /// before the barrier (the ledger's fsync of the previous delivery) is
+    /// done. A failed barrier aborts the transaction by dropping the
+    /// connection and is returned as an error.
+    pub async fn deliver(
+        &mut self,
+        env: &Envelope,
+        prefix: &[u8],
+        msg: &[u8],
+        barrier: &mut Option<Barrier>,
+    ) -> Result<Delivery, BarrierFailed> {
+        match self.try_deliver(env, prefix, msg, barrier).await {
+            Err(e) if e.downcast_ref::<BarrierFailed>().is_some() => {
+                self.session = None;
+                Err(e.downcast::<BarrierFailed>().expect("checked"))
+            }
+            other => Ok(self.outcome(other)),
+        }
+    }
+
+    fn outcome(&mut self, r: Result<Delivery>) -> Delivery {
+        match r {
             Ok(d) => d,
             Err(e) => {
                 // Timeouts, I/O errors, garbage from the server: the session
@@ -111,7 +144,13 @@ impl Deliverer {
         }
     }
 
-    async fn try_deliver(&mut self, env: &Envelope, prefix: &[u8], msg: &[u8]) -> Result<Delivery> {
+    async fn try_deliver(
+        &mut self,
+        env: &Envelope,
+        prefix: &[u8],
+        msg: &[u8],
+        barrier: &mut Option<Barrier>,
+    ) -> Result<Delivery> {
         if self.session.is_none() {
             let s = self.connect().await?;
             self.session = Some(s);
@@ -201,7 +240,7 @@ impl Deliverer {
             }
             return Ok(Delivery::all(outcome, format!("DATA refused: {r}")));
         }
-        send_data(&mut s.io, &peer, limit, prefix, msg).await?;
+        send_data(&mut s.io, &peer, limit, prefix, msg, barrier.take()).await?;
 
         let mut final_replies = Vec::new();
         if lmtp {
@@ -386,6 +425,7 @@ async fn send_data(
     limit: Duration,
     prefix: &[u8],
     msg: &[u8],
+    barrier: Option<Barrier>,
 ) -> Result<()> {
     // The trace header, the message and the terminating "." leave in as
     // few writes as the chunk size allows, the terminator always with the
@@ -405,6 +445,13 @@ async fn send_data(
         }
     }
     enc.finish(&mut buf);
+    if let Some(b) = barrier {
+        match b.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(BarrierFailed(format!("{e:#}")).into()),
+            Err(e) => return Err(BarrierFailed(e.to_string()).into()),
+        }
+    }
     timed(peer, limit, w.write_all(&buf)).await?;
     timed(peer, limit, w.flush()).await?;
     Ok(())

@@ -301,3 +301,45 @@ fn unknown_account_is_a_usage_error() {
     let out = case.run(&["run", "nope"]);
     assert_exit(&out, 64);
 }
+
+/// The next message is not completed until the previous delivery's ledger
+/// row is on disk: a failed sync aborts it before the final ".", so the
+/// server never accepts it.
+#[test]
+fn failed_ledger_sync_keeps_the_next_message_from_being_accepted() {
+    use imapull::config::{Deliver, DeliverProtocol, DeliverTarget};
+    use imapull::deliver::{Deliverer, Envelope, Outcome};
+    let smtp = FakeSmtp::start(|_, _| "250 ok".into());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let target = Deliver {
+            protocol: DeliverProtocol::Smtp,
+            target: DeliverTarget::Tcp {
+                host: "127.0.0.1".into(),
+                port: smtp.port,
+            },
+        };
+        let mut d = Deliverer::new(target, "test".into(), Duration::from_secs(10));
+        let env = Envelope {
+            sender: "a@x".into(),
+            recipients: vec!["b@x".into()],
+        };
+        let msg = message(1, "a@x", &"q".repeat(200_000));
+        let mut ok = Some(tokio::spawn(async { Ok(()) }));
+        let r = d.deliver(&env, b"", &msg, &mut ok).await.unwrap();
+        assert_eq!(r.outcome, Outcome::Delivered);
+        assert!(ok.is_none(), "the barrier was used");
+        let mut failing = Some(tokio::spawn(async { Err(anyhow::anyhow!("disk on fire")) }));
+        let e = d.deliver(&env, b"", &msg, &mut failing).await.unwrap_err();
+        assert!(e.to_string().contains("disk on fire"), "{e}");
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        smtp.messages().len(),
+        1,
+        "the second message was never completed"
+    );
+}
