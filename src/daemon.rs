@@ -28,7 +28,7 @@ use tracing::Instrument as _;
 
 use crate::config::{Account, Config, MailboxConfig};
 use crate::deliver::Deliverer;
-use crate::imap::{ConnectError, IdleEnd, Imap};
+use crate::imap::{ConnectError, Imap};
 use crate::ledger::{Ledger, LedgerHandle};
 use crate::lock::{self, AccountLock};
 use crate::pull::Ctx;
@@ -446,7 +446,7 @@ async fn serve(
     };
     // IDLE watches the selected mailbox only: a shared connection polls.
     let idle = spec.mailboxes.len() == 1 && imap.has("IDLE");
-    let result = loop {
+    loop {
         for mb in &spec.mailboxes {
             let work = work_mailbox(&ctx, &mut imap, &mut deliverer, mb, Mode::Pull).await;
             if work.report.delivered > 0 {
@@ -473,22 +473,15 @@ async fn serve(
         // not kept between passes.
         deliverer.quit().await;
         if stop.load(Ordering::SeqCst) {
-            break Ok(());
+            break;
         }
         if idle {
             // Re-issued before idle_timeout, and a pass at least every
             // catchup_interval: an IDLE that died silently costs minutes.
             let wait = account.idle_timeout.min(account.catchup_interval);
-            match imap.idle(wait, wake).await {
-                Ok((i, end)) => {
-                    imap = i;
-                    tracing::debug!(?end, "IDLE ended");
-                    if end == IdleEnd::Woken && stop.load(Ordering::SeqCst) {
-                        break Ok(());
-                    }
-                }
-                Err(e) => return Err(e),
-            }
+            let (i, end) = imap.idle(wait, wake).await?;
+            imap = i;
+            tracing::debug!(?end, "IDLE ended");
         } else {
             let wait = account.poll_interval.min(account.catchup_interval);
             tokio::select! {
@@ -496,12 +489,12 @@ async fn serve(
                 _ = wake.notified() => {}
             }
         }
-    };
-    deliverer.quit().await;
-    if result.is_ok() {
-        imap.logout().await;
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
     }
-    result
+    imap.logout().await;
+    Ok(())
 }
 
 /// A daemon holds a connection per watched mailbox: raise the soft limit
