@@ -8,6 +8,7 @@
 #   bench/run.sh [N] [RUNS] [MIX]     default: 1000 messages, 3 runs, realistic
 #   bench/run.sh memory               peak RSS: a 50 MB message among small
 #                                     ones; 1,000 vs 50,000 small messages
+#   bench/run.sh accounts             20 accounts at once, and nothing new
 #
 # It prints a table with medians of RUNS runs and the ratios of each tool
 # to imapull and to the limit. docs/performance.md has the latest figures.
@@ -184,7 +185,55 @@ bench() {
     done
 }
 
+# Twenty accounts on the same server, five small messages each: one run
+# that pulls them all, then one with nothing new, with the accounts worked
+# on one at a time and eight at a time.
+accounts() {
+    local names=() i
+    for i in $(seq 0 19); do
+        names+=("u$i")
+        scripts/testenv.sh adduser "$work" "u$i"
+        rm -rf "$work/seed20"
+        "$tools" seed "$work/seed20" 5 "$i" small >/dev/null
+        rm -rf "$HOMES/u$i/Maildir"
+        cp -a "$work/seed20" "$HOMES/u$i/Maildir"
+        chown -R nobody:nogroup "$HOMES/u$i"
+    done
+    for par in 1 8; do
+        {
+            echo "ledger = \"$work/accounts-$par.sqlite3\""
+            echo "parallel_accounts = $par"
+            echo "[defaults]"
+            echo "host = \"localhost\""
+            echo "port = $IMAPS_PORT"
+            echo "ca_file = \"$CA_FILE\""
+            echo "password = \"secret\""
+            echo "deliver = \"smtp://127.0.0.1:$sink_port\""
+            echo "recipients = [\"bench@example.test\"]"
+            echo "initial = \"all\""
+            echo "mark_seen = false"
+            echo "compress = false"
+            for u in "${names[@]}"; do
+                printf '[accounts.%s]\nusername = "%s"\n' "$u" "$u"
+            done
+        } > "$work/accounts-$par.toml"
+        chmod 600 "$work/accounts-$par.toml"
+        rm -f "$work"/accounts-"$par".sqlite3*
+        find "$dump" -type f -delete
+        printf 'parallel_accounts = %s: first run (100 messages): ' "$par"
+        /usr/bin/time -f "%e s" "$imapull" --config "$work/accounts-$par.toml" -q run 2>&1 | tail -1
+        printf 'parallel_accounts = %s: nothing new:            ' "$par"
+        /usr/bin/time -f "%e s" "$imapull" --config "$work/accounts-$par.toml" -q run 2>&1 | tail -1
+        echo "  delivered: $(find "$dump" -type f | wc -l)"
+        [[ -n ${BENCH_DEBUG:-} ]] && "$imapull" --config "$work/accounts-$par.toml" -v run 2>&1 | tail -45
+    done
+}
+
 case ${1:-} in
+    accounts)
+        echo "== 20 accounts, 5 small messages each, over IMAPS on 127.0.0.1"
+        accounts
+        ;;
     memory)
         echo "== peak RSS: one 50 MB message among 200 small ones"
         bench 201 1 big50 imapull

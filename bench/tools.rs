@@ -139,8 +139,10 @@ async fn barefetch(host: &str, port: u16, user: &str, pass: &str, ca: &str) -> a
     let tcp = tokio::net::TcpStream::connect((host, port)).await?;
     tcp.set_nodelay(true)?;
     let cert = native_tls::Certificate::from_pem(&std::fs::read(ca)?)?;
-    let tls = async_native_tls::TlsConnector::new()
+    let connector = native_tls::TlsConnector::builder()
         .add_root_certificate(cert)
+        .build()?;
+    let tls = tokio_native_tls::TlsConnector::from(connector)
         .connect(host, tcp)
         .await?;
     let mut s = tokio::io::BufStream::with_capacity(256 * 1024, 256 * 1024, tls);

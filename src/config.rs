@@ -24,6 +24,11 @@ use crate::secret::Secret;
 /// and short enough that a hung run from a timer is noticed.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// How many accounts one run works on at once, by default. Each holds one
+/// IMAP and one delivery connection; eight makes twenty small mailboxes
+/// take about as long as three, without flooding the local server.
+const DEFAULT_PARALLEL_ACCOUNTS: usize = 8;
+
 /// The file as written. Every field is optional here so that `[defaults]`
 /// and `[accounts.NAME]` share one shape; [`Config::from_raw`] decides what
 /// is required.
@@ -31,6 +36,7 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     pub ledger: Option<PathBuf>,
+    pub parallel_accounts: Option<u32>,
     #[serde(default)]
     pub defaults: RawAccount,
     #[serde(default)]
@@ -287,6 +293,8 @@ pub struct Config {
     pub path: PathBuf,
     pub ledger: PathBuf,
     pub accounts: Vec<Account>,
+    /// How many accounts `imapull run` works on at once.
+    pub parallel_accounts: usize,
 }
 
 /// A configuration error, already worded for the operator (file, line, key).
@@ -341,10 +349,21 @@ impl Config {
                 ))
             })?,
         };
+        let parallel_accounts = match raw.parallel_accounts {
+            None => DEFAULT_PARALLEL_ACCOUNTS,
+            Some(0) => {
+                return Err(ConfigError(format!(
+                    "{}: `parallel_accounts`: must be at least 1",
+                    path.display()
+                )))
+            }
+            Some(n) => n as usize,
+        };
         Ok(Config {
             path: path.to_path_buf(),
             ledger,
             accounts,
+            parallel_accounts,
         })
     }
 

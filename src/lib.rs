@@ -34,11 +34,6 @@ use deliver::Deliverer;
 use ledger::{Ledger, LedgerHandle};
 use pull::{Ctx, PassReport};
 
-/// How many accounts one run works on at once. Each holds one IMAP and one
-/// delivery connection; four keeps a small relay's many mailboxes quick
-/// without opening a flood of connections to the local server.
-const PARALLEL_ACCOUNTS: usize = 4;
-
 /// sysexits(3) codes, used as documented in docs/operations.md.
 pub mod exit {
     pub const OK: i32 = 0;
@@ -145,7 +140,7 @@ pub fn check_accounts(config: &Config, only: &[String]) -> Result<()> {
 }
 
 /// Runs `mode` over the named accounts (all when `only` is empty), up to
-/// [`PARALLEL_ACCOUNTS`] at once.
+/// `parallel_accounts` (from the config) at once.
 pub async fn run_accounts(
     config: &Config,
     only: &[String],
@@ -163,7 +158,7 @@ pub async fn run_accounts(
         .iter()
         .filter(|a| only.is_empty() || only.contains(&a.name))
         .collect();
-    let gate = Arc::new(tokio::sync::Semaphore::new(PARALLEL_ACCOUNTS));
+    let gate = Arc::new(tokio::sync::Semaphore::new(config.parallel_accounts));
     let runs = accounts.into_iter().map(|a| {
         let gate = gate.clone();
         let ledger = ledger.clone();

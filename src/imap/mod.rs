@@ -631,23 +631,46 @@ async fn read_greeting(
     }
 }
 
-async fn tls_wrap(account: &Account, stream: BoxIo) -> Result<BoxIo> {
-    let peer = format!("{}:{}", account.host, account.port);
-    let mut connector = async_native_tls::TlsConnector::new();
-    if let Some(ca) = &account.ca_file {
+/// A TLS client context per CA file, built once per process: building one
+/// loads the system's trust store, which costs tens of milliseconds of CPU,
+/// and a run over twenty accounts would pay it twenty times.
+fn tls_connector(ca_file: Option<&std::path::Path>) -> Result<native_tls::TlsConnector> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static CACHE: OnceLock<Mutex<HashMap<Option<std::path::PathBuf>, native_tls::TlsConnector>>> =
+        OnceLock::new();
+    let key = ca_file.map(std::path::Path::to_path_buf);
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(c) = cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
+        return Ok(c);
+    }
+    let mut builder = native_tls::TlsConnector::builder();
+    if let Some(ca) = ca_file {
         let pem = std::fs::read(ca).with_context(|| format!("reading ca_file {}", ca.display()))?;
         let certs = native_tls::Certificate::stack_from_pem(&pem)
             .with_context(|| format!("parsing ca_file {}", ca.display()))?;
         for cert in certs {
-            connector = connector.add_root_certificate(cert);
+            builder.add_root_certificate(cert);
         }
     }
+    let connector = builder.build().context("setting up TLS")?;
+    if let Ok(mut c) = cache.lock() {
+        c.insert(key, connector.clone());
+    }
+    Ok(connector)
+}
+
+async fn tls_wrap(account: &Account, stream: BoxIo) -> Result<BoxIo> {
+    let peer = format!("{}:{}", account.host, account.port);
+    let connector =
+        tokio_native_tls::TlsConnector::from(tls_connector(account.ca_file.as_deref())?);
     let host = account.host.trim_start_matches('[').trim_end_matches(']');
     let tls = timed(&peer, account.imap_timeout, connector.connect(host, stream))
         .await
         .with_context(|| format!("TLS handshake with {peer}"))?;
     if let Some(pin) = &account.tls_pin_sha256 {
         let cert = tls
+            .get_ref()
             .peer_certificate()?
             .ok_or_else(|| anyhow!("{peer} sent no certificate"))?;
         let got = spki_sha256(&cert.to_der()?)?;
