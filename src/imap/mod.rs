@@ -396,11 +396,7 @@ impl Imap {
             let peer = self.peer.clone();
             let limit = self.timeout;
             timed(&peer, limit, async {
-                let mut s = self.session.uid_store(&set, what).await?;
-                while let Some(r) = s.next().await {
-                    r?;
-                }
-                Ok::<_, async_imap::error::Error>(())
+                drain(self.session.uid_store(&set, what).await?).await
             })
             .await
             .with_context(|| format!("UID STORE {what} on {peer}"))?;
@@ -415,12 +411,7 @@ impl Imap {
             let peer = self.peer.clone();
             let limit = self.timeout;
             timed(&peer, limit, async {
-                let s = self.session.uid_expunge(&set).await?;
-                let mut s = std::pin::pin!(s);
-                while let Some(r) = s.next().await {
-                    r?;
-                }
-                Ok::<_, async_imap::error::Error>(())
+                drain(self.session.uid_expunge(&set).await?).await
             })
             .await
             .with_context(|| format!("UID EXPUNGE on {peer}"))?;
@@ -432,12 +423,7 @@ impl Imap {
     pub async fn expunge_all_deleted(&mut self) -> Result<()> {
         let peer = self.peer.clone();
         timed(&peer, self.timeout, async {
-            let s = self.session.expunge().await?;
-            let mut s = std::pin::pin!(s);
-            while let Some(r) = s.next().await {
-                r?;
-            }
-            Ok::<_, async_imap::error::Error>(())
+            drain(self.session.expunge().await?).await
         })
         .await
         .with_context(|| format!("EXPUNGE on {peer}"))
@@ -490,6 +476,18 @@ impl Imap {
     pub async fn logout(mut self) {
         let _ = timed(&self.peer, Duration::from_secs(5), self.session.logout()).await;
     }
+}
+
+/// Reads a command's response stream to its end (STORE, EXPUNGE: the items
+/// themselves are not needed), failing on the first error.
+async fn drain<T>(
+    s: impl futures_util::Stream<Item = async_imap::error::Result<T>>,
+) -> async_imap::error::Result<()> {
+    let mut s = std::pin::pin!(s);
+    while let Some(r) = s.next().await {
+        r?;
+    }
+    Ok(())
 }
 
 /// Upper-cased capability names, AUTH= ones included.
