@@ -345,3 +345,49 @@ fn sigterm_during_a_large_delivery_loses_nothing() {
     assert_eq!(d.stop().0, Some(0));
     assert_eq!(smtp.messages().len(), 2);
 }
+
+#[test]
+fn second_sigterm_exits_at_once() {
+    let smtp = FakeSmtp::start(|_, _| {
+        std::thread::sleep(Duration::from_secs(5));
+        "250 ok".into()
+    });
+    let case = Case::new(&smtp.url(), &["x@example.test"], "");
+    drop_message(&case.user, 1, &message(1, "bob@remote.test", "slow"), false);
+    let mut d = Daemon::start(&case);
+    while smtp.connections.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    d.signal(libc::SIGTERM);
+    d.wait_log("stopping", 1);
+    let t0 = Instant::now();
+    d.signal(libc::SIGTERM);
+    let status = d.child.wait().unwrap();
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "it waited for the delivery"
+    );
+    assert_eq!(status.code(), Some(0));
+    assert!(d.log().contains("second stop signal"), "{}", d.log());
+    // The message in flight was not half-recorded: the ledger has nothing
+    // for it, and the next start delivers it.
+    assert_eq!(case.state_of(1), "none");
+}
+
+#[test]
+fn idle_over_a_tunnel() {
+    let rcpt = new_recipient();
+    let case = Case::new(&smtp(), &[&rcpt], "");
+    crate::transport::use_tunnel(&case, &crate::transport::dovecot_imap(&case.user));
+    let d = Daemon::start(&case);
+    d.wait_log("pass done", 1);
+    std::thread::sleep(Duration::from_millis(300));
+    save(
+        &case.user,
+        "INBOX",
+        &message(1, "bob@remote.test", "tunnel idle"),
+    );
+    assert_eq!(wait_delivered(&rcpt, 1).len(), 1, "{}", d.log());
+    assert!(d.log().contains("IDLE ended"), "{}", d.log());
+    assert_eq!(d.stop().0, Some(0));
+}

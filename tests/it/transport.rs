@@ -5,7 +5,7 @@ use crate::fake::FakeSocks;
 use crate::harness::*;
 
 /// Rewrites the case's account to use a tunnel running `command`.
-fn use_tunnel(case: &Case, command: &[String]) {
+pub(crate) fn use_tunnel(case: &Case, command: &[String]) {
     let argv: Vec<String> = command.iter().map(|a| format!("{a:?}")).collect();
     let t = std::fs::read_to_string(&case.config).unwrap();
     let dropped = [
@@ -32,7 +32,7 @@ fn use_tunnel(case: &Case, command: &[String]) {
     std::fs::write(&case.config, out.join("\n")).unwrap();
 }
 
-fn dovecot_imap(user: &str) -> Vec<String> {
+pub(crate) fn dovecot_imap(user: &str) -> Vec<String> {
     vec![
         "/usr/lib/dovecot/imap".into(),
         "-c".into(),
