@@ -9,6 +9,7 @@
 #   bench/run.sh memory               peak RSS: a 50 MB message among small
 #                                     ones; 1,000 vs 50,000 small messages
 #   bench/run.sh accounts             20 accounts at once, and nothing new
+#   bench/run.sh compress [N] [MIX]   bytes on the wire with and without DEFLATE
 #
 # It prints a table with medians of RUNS runs and the ratios of each tool
 # to imapull and to the limit. docs/performance.md has the latest figures.
@@ -229,7 +230,28 @@ accounts() {
     done
 }
 
+# COMPRESS=DEFLATE on and off: bytes on the wire (counted by imapull below
+# TLS and DEFLATE) and time, on loopback.
+compress() {
+    local n=${1:-1000} mix=${2:-realistic}
+    rm -rf "$work/template"
+    "$tools" seed "$work/template" "$n" 42 "$mix"
+    for c in false true; do
+        COMPRESS=$c write_configs
+        restore
+        rm -f "$work"/ledger.sqlite3*
+        /usr/bin/time -f "%e s wall, %U+%S s CPU" -o "$work/time" \
+            "$imapull" --config "$work/imapull.toml" -v run 2> "$work/log"
+        printf 'compress = %-5s  %s  ' "$c" "$(cat "$work/time")"
+        grep -o 'bytes_in=[0-9]* bytes_out=[0-9]* compressed=[a-z]*' "$work/log" | tail -1
+    done
+}
+
 case ${1:-} in
+    compress)
+        echo "== COMPRESS=DEFLATE off and on, ${2:-1000} messages (${3:-realistic} mix)"
+        compress "${2:-1000}" "${3:-realistic}"
+        ;;
     accounts)
         echo "== 20 accounts, 5 small messages each, over IMAPS on 127.0.0.1"
         accounts

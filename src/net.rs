@@ -44,31 +44,48 @@ where
 #[derive(Debug)]
 pub struct IdleTimeout<T> {
     inner: T,
-    /// Milliseconds; shared so that the owner can lengthen it while the
-    /// connection is meant to be quiet (IMAP IDLE).
-    limit: Arc<std::sync::atomic::AtomicU64>,
+    stats: WireStats,
     read_deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     write_deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
 
+/// The silence limit of an [`IdleTimeout`] stream and the bytes it carried,
+/// shared with its owner.
+#[derive(Debug, Clone, Default)]
+pub struct WireStats {
+    /// Milliseconds; the owner may lengthen it while the connection is meant
+    /// to be quiet (IMAP IDLE). A change applies from the next wait on.
+    pub limit_ms: Arc<std::sync::atomic::AtomicU64>,
+    /// Bytes read and written on the wire (below TLS and COMPRESS).
+    pub read: Arc<std::sync::atomic::AtomicU64>,
+    pub written: Arc<std::sync::atomic::AtomicU64>,
+}
+
 impl<T> IdleTimeout<T> {
     pub fn new(inner: T, limit: Duration) -> IdleTimeout<T> {
+        let stats = WireStats::default();
+        stats.limit_ms.store(
+            limit.as_millis() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         IdleTimeout {
             inner,
-            limit: Arc::new(std::sync::atomic::AtomicU64::new(limit.as_millis() as u64)),
+            stats,
             read_deadline: None,
             write_deadline: None,
         }
     }
 
-    /// The limit, to change it later (milliseconds). A change applies
-    /// from the next wait on.
-    pub fn limit_handle(&self) -> Arc<std::sync::atomic::AtomicU64> {
-        self.limit.clone()
+    pub fn stats(&self) -> WireStats {
+        self.stats.clone()
     }
 
     fn limit(&self) -> Duration {
-        Duration::from_millis(self.limit.load(std::sync::atomic::Ordering::Relaxed))
+        Duration::from_millis(
+            self.stats
+                .limit_ms
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
     }
 }
 
@@ -97,9 +114,14 @@ impl<T: AsyncRead + Unpin> AsyncRead for IdleTimeout<T> {
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         let this = &mut *self;
+        let before = buf.filled().len();
         match std::pin::Pin::new(&mut this.inner).poll_read(cx, buf) {
             std::task::Poll::Ready(r) => {
                 this.read_deadline = None;
+                let n = (buf.filled().len() - before) as u64;
+                this.stats
+                    .read
+                    .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
                 std::task::Poll::Ready(r)
             }
             std::task::Poll::Pending => {
@@ -120,6 +142,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleTimeout<T> {
         match std::pin::Pin::new(&mut this.inner).poll_write(cx, buf) {
             std::task::Poll::Ready(r) => {
                 this.write_deadline = None;
+                if let Ok(n) = &r {
+                    this.stats
+                        .written
+                        .fetch_add(*n as u64, std::sync::atomic::Ordering::Relaxed);
+                }
                 std::task::Poll::Ready(r)
             }
             std::task::Poll::Pending => {

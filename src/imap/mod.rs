@@ -10,8 +10,7 @@
 pub mod utf7;
 
 use std::collections::{BTreeSet, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _, Result};
@@ -21,7 +20,7 @@ use futures_util::{Stream, StreamExt as _};
 use tokio::net::TcpStream;
 
 use crate::config::{Account, Connect, PasswordSource, Proxy, TlsMode};
-use crate::net::{timed, BoxIo, IdleTimeout, PreauthShim};
+use crate::net::{timed, BoxIo, IdleTimeout, PreauthShim, WireStats};
 use crate::secret::Secret;
 use crate::tunnel::{self, TunnelInfo};
 
@@ -53,8 +52,8 @@ pub struct Imap {
     pub peer: String,
     pub timeout: Duration,
     pub tunnel: Option<TunnelInfo>,
-    /// The socket's silence limit, lengthened while idling.
-    read_limit: Arc<AtomicU64>,
+    /// The socket's silence limit (lengthened while idling) and byte counts.
+    wire: WireStats,
 }
 
 /// How an IDLE ended.
@@ -81,12 +80,12 @@ impl Imap {
         let limit = account.imap_timeout;
         let unavailable = |e: anyhow::Error| ConnectError::Unavailable(e);
 
-        let (mut client, peer, tunnel, read_limit) = match &account.connect {
+        let (mut client, peer, tunnel, wire) = match &account.connect {
             Connect::Tunnel { command, stderr } => {
                 let peer = format!("tunnel {}", account.host);
                 let (io, info) = tunnel::spawn(command, *stderr).map_err(unavailable)?;
                 let io = IdleTimeout::new(io, limit);
-                let read_limit = io.limit_handle();
+                let wire = io.stats();
                 let (shim, armed) = PreauthShim::new(io);
                 let mut c = async_imap::Client::new(Box::new(shim) as BoxIo);
                 let greeting = read_greeting(&mut c, &peer, limit, true)
@@ -102,9 +101,9 @@ impl Imap {
                     })
                     .await
                     .map_err(unavailable)?;
-                    return Imap::ready(account, session, peer, Some(info), read_limit).await;
+                    return Imap::ready(account, session, peer, Some(info), wire).await;
                 }
-                (c, peer, Some(info), read_limit)
+                (c, peer, Some(info), wire)
             }
             Connect::Tcp { proxy } => {
                 let peer = format!("{}:{}", account.host, account.port);
@@ -113,7 +112,7 @@ impl Imap {
                     .map_err(unavailable)?;
                 // Every read and write below is bounded by silence, not by size.
                 let tcp = IdleTimeout::new(tcp, limit);
-                let read_limit = tcp.limit_handle();
+                let wire = tcp.stats();
                 let c = match account.tls {
                     TlsMode::Implicit => {
                         let tls = tls_wrap(account, Box::new(tcp))
@@ -159,7 +158,7 @@ impl Imap {
                         async_imap::Client::new(tls)
                     }
                 };
-                (c, peer, None, read_limit)
+                (c, peer, None, wire)
             }
         };
         let caps = client_capabilities(&mut client, &peer, limit)
@@ -216,7 +215,7 @@ impl Imap {
                 }
                 _ => ConnectError::Unavailable(e),
             })?;
-        Imap::ready(account, session, peer, tunnel, read_limit).await
+        Imap::ready(account, session, peer, tunnel, wire).await
     }
 
     /// After authentication: capabilities, COMPRESS.
@@ -225,7 +224,7 @@ impl Imap {
         mut session: Session,
         peer: String,
         tunnel: Option<TunnelInfo>,
-        read_limit: Arc<AtomicU64>,
+        wire: WireStats,
     ) -> Result<Imap, ConnectError> {
         let limit = account.imap_timeout;
         let unavailable = |e: anyhow::Error| ConnectError::Unavailable(e);
@@ -249,7 +248,7 @@ impl Imap {
             peer,
             timeout: limit,
             tunnel,
-            read_limit,
+            wire,
         })
     }
 
@@ -269,12 +268,12 @@ impl Imap {
             peer,
             timeout,
             tunnel,
-            read_limit,
+            wire,
         } = self;
         // While idling the server may be silent up to its keepalive
         // interval: let the socket wait as long as the IDLE itself.
-        let normal = read_limit.load(Ordering::Relaxed);
-        read_limit.store(
+        let normal = wire.limit_ms.load(Ordering::Relaxed);
+        wire.limit_ms.store(
             (wait + Duration::from_secs(60)).as_millis() as u64,
             Ordering::Relaxed,
         );
@@ -296,7 +295,7 @@ impl Imap {
             }
         }
         .with_context(|| format!("IDLE on {peer}"))?;
-        read_limit.store(normal, Ordering::Relaxed);
+        wire.limit_ms.store(normal, Ordering::Relaxed);
         let end = match response {
             async_imap::extensions::idle::IdleResponse::NewData(_) => IdleEnd::NewData,
             async_imap::extensions::idle::IdleResponse::Timeout => IdleEnd::Timeout,
@@ -315,7 +314,7 @@ impl Imap {
                 peer,
                 timeout,
                 tunnel,
-                read_limit,
+                wire,
             },
             end,
         ))
@@ -475,6 +474,13 @@ impl Imap {
 
     pub async fn logout(mut self) {
         let _ = timed(&self.peer, Duration::from_secs(5), self.session.logout()).await;
+        tracing::debug!(
+            peer = self.peer,
+            bytes_in = self.wire.read.load(Ordering::Relaxed),
+            bytes_out = self.wire.written.load(Ordering::Relaxed),
+            compressed = self.has("X-IMAPULL-COMPRESSED"),
+            "IMAP session closed"
+        );
     }
 }
 
