@@ -107,28 +107,38 @@ fn poll_deadline(
     }
 }
 
+/// A poll of the inner stream, bounded by silence: progress clears the
+/// deadline, waiting arms it (and fails once it passes).
+fn guarded<R>(
+    poll: std::task::Poll<std::io::Result<R>>,
+    slot: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    limit: Duration,
+    cx: &mut std::task::Context<'_>,
+) -> std::task::Poll<std::io::Result<R>> {
+    match poll {
+        std::task::Poll::Ready(r) => {
+            *slot = None;
+            std::task::Poll::Ready(r)
+        }
+        std::task::Poll::Pending => poll_deadline(slot, limit, cx).map(Err),
+    }
+}
+
 impl<T: AsyncRead + Unpin> AsyncRead for IdleTimeout<T> {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
+        let limit = self.limit();
         let this = &mut *self;
         let before = buf.filled().len();
-        match std::pin::Pin::new(&mut this.inner).poll_read(cx, buf) {
-            std::task::Poll::Ready(r) => {
-                this.read_deadline = None;
-                let n = (buf.filled().len() - before) as u64;
-                this.stats
-                    .read
-                    .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-                std::task::Poll::Ready(r)
-            }
-            std::task::Poll::Pending => {
-                let limit = this.limit();
-                poll_deadline(&mut this.read_deadline, limit, cx).map(Err)
-            }
-        }
+        let poll = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        this.stats
+            .read
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        guarded(poll, &mut this.read_deadline, limit, cx)
     }
 }
 
@@ -138,39 +148,25 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleTimeout<T> {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
+        let limit = self.limit();
         let this = &mut *self;
-        match std::pin::Pin::new(&mut this.inner).poll_write(cx, buf) {
-            std::task::Poll::Ready(r) => {
-                this.write_deadline = None;
-                if let Ok(n) = &r {
-                    this.stats
-                        .written
-                        .fetch_add(*n as u64, std::sync::atomic::Ordering::Relaxed);
-                }
-                std::task::Poll::Ready(r)
-            }
-            std::task::Poll::Pending => {
-                let limit = this.limit();
-                poll_deadline(&mut this.write_deadline, limit, cx).map(Err)
-            }
+        let poll = std::pin::Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &poll {
+            this.stats
+                .written
+                .fetch_add(*n as u64, std::sync::atomic::Ordering::Relaxed);
         }
+        guarded(poll, &mut this.write_deadline, limit, cx)
     }
 
     fn poll_flush(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
+        let limit = self.limit();
         let this = &mut *self;
-        match std::pin::Pin::new(&mut this.inner).poll_flush(cx) {
-            std::task::Poll::Ready(r) => {
-                this.write_deadline = None;
-                std::task::Poll::Ready(r)
-            }
-            std::task::Poll::Pending => {
-                let limit = this.limit();
-                poll_deadline(&mut this.write_deadline, limit, cx).map(Err)
-            }
-        }
+        let poll = std::pin::Pin::new(&mut this.inner).poll_flush(cx);
+        guarded(poll, &mut this.write_deadline, limit, cx)
     }
 
     fn poll_shutdown(
