@@ -23,6 +23,8 @@ use crate::secret::Secret;
 /// considered dead. Two minutes is generous for a live IMAP or SMTP server
 /// and short enough that a hung run from a timer is noticed.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
+/// Delivery sessions per pass, unless `delivery_sessions` says otherwise.
+const DEFAULT_DELIVERY_SESSIONS: u32 = 2;
 
 /// How many accounts one run works on at once, by default. Each holds one
 /// IMAP and one delivery connection; eight makes twenty small mailboxes
@@ -72,6 +74,7 @@ pub struct RawAccount {
     pub imap_timeout: Option<HumanDuration>,
     pub deliver_timeout: Option<HumanDuration>,
     pub max_deferrals: Option<u32>,
+    pub delivery_sessions: Option<u32>,
     pub purge_after: Option<PurgeAfter>,
     pub purge_interval: Option<HumanDuration>,
     pub purge_max: Option<u32>,
@@ -274,6 +277,9 @@ pub struct Account {
     pub deliver_timeout: Duration,
     /// Consecutive deferrals after which a pass stops early.
     pub max_deferrals: u32,
+    /// Delivery sessions a pass uses at once (their messages still complete
+    /// one at a time, in UID order).
+    pub delivery_sessions: usize,
     /// How often the purge runs after a pass (not for `purge_after = 0`).
     pub purge_interval: Duration,
     /// The most removals per mailbox per purge; more are postponed.
@@ -404,6 +410,7 @@ fn merge(d: &RawAccount, a: RawAccount) -> RawAccount {
         imap_timeout,
         deliver_timeout,
         max_deferrals,
+        delivery_sessions,
         purge_after,
         purge_interval,
         purge_max,
@@ -695,6 +702,10 @@ fn common(
     if max_deferrals == 0 {
         return Err(here("max_deferrals", "must be at least 1".into()));
     }
+    let delivery_sessions = a.delivery_sessions.unwrap_or(DEFAULT_DELIVERY_SESSIONS);
+    if !(1..=16).contains(&delivery_sessions) {
+        return Err(here("delivery_sessions", "must be from 1 to 16".into()));
+    }
     Ok(Account {
         name: name.to_string(),
         host,
@@ -717,6 +728,7 @@ fn common(
         imap_timeout: a.imap_timeout.map(|d| d.0).unwrap_or(DEFAULT_TIMEOUT),
         deliver_timeout: a.deliver_timeout.map(|d| d.0).unwrap_or(DEFAULT_TIMEOUT),
         max_deferrals,
+        delivery_sessions: delivery_sessions as usize,
         purge_interval: a
             .purge_interval
             .map(|d| d.0)

@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, Notify};
 use tracing::Instrument as _;
 
 use crate::config::{Account, Config, MailboxConfig};
-use crate::deliver::Deliverer;
+use crate::deliver::Sessions;
 use crate::imap::{ConnectError, Imap};
 use crate::ledger::{Ledger, LedgerHandle};
 use crate::lock::{self, AccountLock};
@@ -429,10 +429,11 @@ async fn serve(
     status: &Status,
 ) -> Result<()> {
     let account = &spec.account;
-    let mut deliverer = Deliverer::new(
-        account.deliver.clone(),
-        account.ehlo.clone(),
+    let mut deliverer = Sessions::new(
+        &account.deliver,
+        &account.ehlo,
         account.deliver_timeout,
+        account.delivery_sessions,
     );
     let now_fn = {
         let now = now.clone();

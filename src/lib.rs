@@ -30,7 +30,7 @@ use anyhow::Result;
 use tracing::Instrument as _;
 
 use config::{Account, Config};
-use deliver::Deliverer;
+use deliver::Sessions;
 use ledger::{Ledger, LedgerHandle};
 use pull::{Ctx, PassReport};
 
@@ -211,10 +211,11 @@ async fn run_account(
             return result;
         }
     };
-    let mut deliverer = Deliverer::new(
-        account.deliver.clone(),
-        account.ehlo.clone(),
+    let mut deliverer = Sessions::new(
+        &account.deliver,
+        &account.ehlo,
         account.deliver_timeout,
+        account.delivery_sessions,
     );
     let now_fn = move || now();
     let ctx = Ctx {
@@ -261,7 +262,7 @@ pub(crate) struct Work {
 pub(crate) async fn work_mailbox(
     ctx: &Ctx<'_>,
     imap: &mut imap::Imap,
-    deliverer: &mut Deliverer,
+    deliverer: &mut Sessions,
     mb: &config::MailboxConfig,
     mode: Mode,
 ) -> Work {

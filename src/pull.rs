@@ -2,26 +2,31 @@
 //! flag.
 //!
 //! The pass is a pipeline: the FETCH stream feeds a bounded channel and the
-//! delivery session drains it, so fetching message n+1 overlaps delivering
-//! message n, and memory holds at most [`PIPELINE_DEPTH`] messages whatever
-//! the size of the mailbox. Each outcome is committed to the ledger right
-//! after the local server's reply; `\Seen` flags follow in batches once the
-//! FETCH is done. The watermark advances only when every message below the
-//! new UIDNEXT has a ledger row, so a pass cut short never skips anything.
+//! delivery sessions (`delivery_sessions`) drain it, so fetching overlaps
+//! delivering, and memory holds a few messages, at most about
+//! [`IN_FLIGHT_BYTES`] plus the largest, whatever the size of the mailbox.
+//! Messages are accepted one at a time, in UID order: each one's final "."
+//! waits until the one before has its outcome committed to the ledger and
+//! fsynced, while its body is already on the wire. `\Seen` flags follow in
+//! batches once the FETCH is done. The watermark advances only when every
+//! message below the new UIDNEXT has a ledger row, so a pass cut short
+//! never skips anything.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 use anyhow::{anyhow, Context as _, Result};
 use async_imap::types::Fetch;
-use futures_util::StreamExt as _;
+use futures_util::{FutureExt as _, StreamExt as _};
 
 use crate::config::{Account, Initial, SenderPolicy};
-use crate::deliver::{headers, Deliverer, Envelope, Outcome};
+use crate::deliver::client::{no_barrier, Barrier};
+use crate::deliver::{headers, Deliverer, Envelope, Outcome, Sessions};
 use crate::imap::{uid_sets, Imap, FETCH_ITEMS};
 use crate::ledger::{Attempt, LedgerHandle, MailboxState, MessageKey, OldRow, State};
 
-/// Messages fetched but not yet delivered. Two keep the delivery session
-/// busy while the next message arrives; more would only cost memory.
+/// Messages fetched and waiting for a delivery session, besides one per
+/// session. Two keep the sessions busy while the next message arrives;
+/// more would only cost memory.
 pub const PIPELINE_DEPTH: usize = 2;
 
 /// What a pass did, for the summary line and the exit code.
@@ -70,7 +75,7 @@ impl Ctx<'_> {
 pub async fn pass(
     ctx: &Ctx<'_>,
     imap: &mut Imap,
-    deliverer: &mut Deliverer,
+    sessions: &mut Sessions,
     mailbox: &str,
     report: &mut PassReport,
 ) -> Result<()> {
@@ -141,7 +146,7 @@ pub async fn pass(
     let outcome = fetch_and_deliver(
         ctx,
         imap,
-        deliverer,
+        sessions,
         mailbox,
         uv,
         &[retry.clone(), new.clone()],
@@ -219,11 +224,44 @@ pub async fn pass(
 
 type Fetched = (HashSet<u32>, Vec<u32>, bool, Option<anyhow::Error>);
 
+/// Bytes of fetched messages waiting for or in delivery, over all sessions.
+/// A bigger message takes the whole budget and so goes alone: memory stays
+/// near this plus the largest message, however many sessions there are.
+pub const IN_FLIGHT_BYTES: usize = 8 << 20;
+
+/// A fetched message and its share of [`IN_FLIGHT_BYTES`], released when
+/// its delivery is over.
+type Fetched1 = (Fetch, tokio::sync::OwnedSemaphorePermit);
+
+/// What the delivery sessions take messages from, in UID order, and the
+/// order in which they may complete.
+struct Queue {
+    rx: tokio::sync::mpsc::Receiver<Fetched1>,
+    /// Passed when the message taken last has its outcome recorded and
+    /// fsynced: the next message's final "." waits for it. So however many
+    /// sessions there are, at most one message at a time is between the
+    /// local server's acceptance and a durable ledger row (the duplicate
+    /// window of DESIGN.md), and messages are accepted in UID order.
+    last: Barrier,
+}
+
+/// What the sessions did, shared between them.
+#[derive(Default)]
+struct Tally {
+    attempted: HashSet<u32>,
+    to_flag: Vec<u32>,
+    delivered: u32,
+    rejected: u32,
+    deferred: u32,
+    consecutive_deferrals: u32,
+    stopped: bool,
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn fetch_and_deliver(
     ctx: &Ctx<'_>,
     imap: &mut Imap,
-    deliverer: &mut Deliverer,
+    sessions: &mut Sessions,
     mailbox: &str,
     uv: u32,
     groups: &[Vec<u32>],
@@ -231,7 +269,8 @@ async fn fetch_and_deliver(
     report: &mut PassReport,
 ) -> Result<Fetched> {
     let wanted: HashSet<u32> = groups.iter().flatten().copied().collect();
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Fetch>(PIPELINE_DEPTH);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Fetched1>(sessions.0.len() + PIPELINE_DEPTH);
+    let budget = std::sync::Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT_BYTES));
     let peer = imap.peer.clone();
 
     let fetch_side = {
@@ -253,8 +292,23 @@ async fn fetch_and_deliver(
                         };
                         // Unsolicited FETCHes (another client's flag change)
                         // carry no body; they are not ours.
-                        let ours = f.uid.is_some_and(|u| wanted.contains(&u)) && f.body().is_some();
-                        if ours && !receiver_gone && tx.send(f).await.is_err() {
+                        let Some(len) = f
+                            .body()
+                            .map(<[u8]>::len)
+                            .filter(|_| f.uid.is_some_and(|u| wanted.contains(&u)))
+                        else {
+                            continue;
+                        };
+                        if receiver_gone {
+                            continue;
+                        }
+                        let share = len.clamp(1, IN_FLIGHT_BYTES) as u32;
+                        let permit = budget
+                            .clone()
+                            .acquire_many_owned(share)
+                            .await
+                            .expect("the semaphore is never closed");
+                        if tx.send((f, permit)).await.is_err() {
                             // Delivery stopped; drain the rest of the
                             // response so the connection stays usable.
                             receiver_gone = true;
@@ -274,76 +328,150 @@ async fn fetch_and_deliver(
     };
 
     let deliver_side = async {
-        let mut attempted = HashSet::new();
-        let mut to_flag = Vec::new();
-        let mut consecutive_deferrals = 0u32;
-        let mut stopped = false;
-        // The fsync of the last recorded delivery, still running.
-        let mut barrier = None;
-        while let Some(f) = rx.recv().await {
-            if ctx.stopping() {
-                tracing::info!(mailbox, "stopping: the rest waits for the next start");
-                stopped = true;
-                break;
-            }
-            let uid = f.uid.expect("checked by the fetch side");
-            let body = f.body().expect("checked by the fetch side");
-            let outcome = deliver_one(
-                ctx,
-                deliverer,
-                mailbox,
-                uv,
-                uid,
-                &f,
-                body,
-                already,
-                &mut barrier,
-            )
-            .await?;
-            attempted.insert(uid);
-            match outcome {
-                Outcome::Delivered => {
-                    report.delivered += 1;
-                    consecutive_deferrals = 0;
-                    if ctx.account.mark_seen {
-                        to_flag.push(uid);
-                    }
-                }
-                Outcome::Rejected => {
-                    report.rejected += 1;
-                    consecutive_deferrals = 0;
-                }
-                Outcome::Deferred => {
-                    report.deferred += 1;
-                    consecutive_deferrals += 1;
-                    if consecutive_deferrals >= ctx.account.max_deferrals {
-                        tracing::warn!(
-                            mailbox,
-                            "{consecutive_deferrals} deliveries in a row deferred by {}; \
-                             stopping this pass, the rest stays on the server",
-                            deliverer.target()
-                        );
-                        stopped = true;
-                        break;
-                    }
-                }
-            }
-        }
+        let queue = tokio::sync::Mutex::new(Queue {
+            rx,
+            last: no_barrier(),
+        });
+        let tally = std::sync::Mutex::new(Tally::default());
+        let workers = sessions
+            .0
+            .iter_mut()
+            .map(|d| session_worker(ctx, d, &queue, &tally, mailbox, uv, already));
+        let results = futures_util::future::join_all(workers).await;
+        // Dropping the receiver tells the fetch side to stop sending.
+        let Queue { rx, last } = queue.into_inner();
         drop(rx);
         // Everything recorded is on disk before flags are stored or the
         // watermark moves.
-        if let Some(b) = barrier {
-            b.await
-                .context("ledger sync task")?
-                .map_err(|e| e.context(crate::ledger::LedgerFailure))?;
-        }
-        Ok::<_, anyhow::Error>((attempted, to_flag, stopped))
+        let synced = last.await;
+        let t = tally.into_inner().unwrap_or_else(|p| p.into_inner());
+        report.delivered += t.delivered;
+        report.rejected += t.rejected;
+        report.deferred += t.deferred;
+        // A ledger failure is fatal: nothing more may be delivered unrecorded.
+        results.into_iter().collect::<Result<Vec<()>>>()?;
+        synced
+            .map_err(|e| anyhow!("syncing the ledger: {e}"))
+            .map_err(|e| e.context(crate::ledger::LedgerFailure))?;
+        Ok::<_, anyhow::Error>((t.attempted, t.to_flag, t.stopped))
     };
 
     let (fetched, delivered) = tokio::join!(fetch_side, deliver_side);
-    // A ledger failure is fatal: nothing more may be delivered unrecorded.
     let (attempted, to_flag, stopped) = delivered?;
     Ok((attempted, to_flag, stopped, fetched.err()))
+}
+
+/// One delivery session's loop: take the next message, deliver it (its
+/// final "." waiting for the previous message's turn), record it, and hand
+/// the turn on once the record is on disk.
+async fn session_worker(
+    ctx: &Ctx<'_>,
+    deliverer: &mut Deliverer,
+    queue: &tokio::sync::Mutex<Queue>,
+    tally: &std::sync::Mutex<Tally>,
+    mailbox: &str,
+    uv: u32,
+    already: &HashMap<u32, Vec<String>>,
+) -> Result<()> {
+    loop {
+        if tally_of(tally).stopped {
+            return Ok(());
+        }
+        let ((f, _permit), prev, done) = {
+            let mut q = queue.lock().await;
+            let Some(item) = q.rx.recv().await else {
+                return Ok(());
+            };
+            let (done, turn) = tokio::sync::oneshot::channel();
+            let next = async move {
+                turn.await
+                    .unwrap_or_else(|_| Err("the previous delivery did not finish".into()))
+            }
+            .boxed()
+            .shared();
+            (item, std::mem::replace(&mut q.last, next), done)
+        };
+        if ctx.stopping() || tally_of(tally).stopped {
+            let mut t = tally_of(tally);
+            if !t.stopped && ctx.stopping() {
+                tracing::info!(mailbox, "stopping: the rest waits for the next start");
+            }
+            t.stopped = true;
+            hand_on(prev, None, done);
+            return Ok(());
+        }
+        let uid = f.uid.expect("checked by the fetch side");
+        let body = f.body().expect("checked by the fetch side");
+        // On an error `done` is dropped: the next message's barrier fails
+        // and it is not completed either.
+        let outcome = deliver_one(
+            ctx,
+            deliverer,
+            mailbox,
+            uv,
+            uid,
+            &f,
+            body,
+            already,
+            prev.clone(),
+        )
+        .await?;
+        hand_on(prev, Some(ctx.ledger.sync()), done);
+        let mut t = tally_of(tally);
+        t.attempted.insert(uid);
+        match outcome {
+            Outcome::Delivered => {
+                t.delivered += 1;
+                t.consecutive_deferrals = 0;
+                if ctx.account.mark_seen {
+                    t.to_flag.push(uid);
+                }
+            }
+            Outcome::Rejected => {
+                t.rejected += 1;
+                t.consecutive_deferrals = 0;
+            }
+            Outcome::Deferred => {
+                t.deferred += 1;
+                t.consecutive_deferrals += 1;
+                if t.consecutive_deferrals >= ctx.account.max_deferrals && !t.stopped {
+                    tracing::warn!(
+                        mailbox,
+                        "{} deliveries in a row deferred by {}; \
+                         stopping this pass, the rest stays on the server",
+                        t.consecutive_deferrals,
+                        deliverer.target()
+                    );
+                    t.stopped = true;
+                }
+            }
+        }
+    }
+}
+
+/// The tally, also after a panic elsewhere (it is only counters).
+fn tally_of(t: &std::sync::Mutex<Tally>) -> std::sync::MutexGuard<'_, Tally> {
+    t.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Passes the turn on: the next message may complete once the previous one
+/// has and `sync` (this message's ledger row reaching the disk) is done.
+fn hand_on(
+    prev: Barrier,
+    sync: Option<tokio::task::JoinHandle<Result<()>>>,
+    done: tokio::sync::oneshot::Sender<Result<(), String>>,
+) {
+    tokio::spawn(async move {
+        let mut r = prev.await;
+        if let (Ok(()), Some(sync)) = (&r, sync) {
+            r = match sync.await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(format!("{e:#}")),
+                Err(e) => Err(e.to_string()),
+            };
+        }
+        let _ = done.send(r);
+    });
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -356,7 +484,7 @@ async fn deliver_one(
     f: &Fetch,
     body: &[u8],
     already: &HashMap<u32, Vec<String>>,
-    barrier: &mut Option<crate::deliver::client::Barrier>,
+    barrier: Barrier,
 ) -> Result<Outcome> {
     let a = ctx.account;
     let done: &[String] = already.get(&uid).map(Vec::as_slice).unwrap_or(&[]);
@@ -394,7 +522,7 @@ async fn deliver_one(
                 },
                 &prefix,
                 body,
-                barrier,
+                Some(barrier),
             )
             .await
             // Not sent: the previous delivery may not be on disk. Stop.
@@ -426,9 +554,6 @@ async fn deliver_one(
         .call(move |l| l.record(&attempt))
         .await
         .context("recording a delivery in the ledger")?;
-    // The next message's final "." waits for this fsync (see
-    // Deliverer::deliver); meanwhile the rest of it is already on the wire.
-    *barrier = Some(ctx.ledger.sync());
     let mid = message_id.as_deref().unwrap_or("-");
     // One line per message; the level says how it went.
     macro_rules! log {

@@ -3,11 +3,11 @@
 //!
 //! One session serves a whole run. A failed transaction is followed by RSET;
 //! a timeout, a lost connection or a 421 drops the session, and the next
-//! message opens a new one. The transaction is MAIL and the RCPTs pipelined
-//! (when offered), then DATA on its own: once a server has said 354 the only
-//! way to abort is to drop the connection, so DATA is sent only when at
-//! least one recipient accepted. Recipients that refused are reported in
-//! the [`Delivery`], and the caller retries only them.
+//! message opens a new one. The transaction is MAIL, the RCPTs and DATA in
+//! one write when the server offers PIPELINING (it must refuse DATA if no
+//! recipient was accepted), else one command at a time. Recipients that
+//! refused are reported in the [`Delivery`], and the caller retries only
+//! them.
 
 use std::time::Duration;
 
@@ -27,6 +27,9 @@ const MAX_LINE: u64 = 8192;
 /// The message is encoded and written in pieces of this size, so that a
 /// large message is not copied whole.
 const CHUNK: usize = 64 * 1024;
+/// The message's last bytes, held back with the terminating "." until the
+/// barrier is passed.
+const TAIL: usize = 512;
 
 /// The envelope of one transaction.
 #[derive(Debug, Clone)]
@@ -73,8 +76,44 @@ pub struct Deliverer {
 }
 
 /// Something that must be finished before a message may be accepted: the
-/// fsync that makes the previous delivery's ledger row durable.
-pub type Barrier = tokio::task::JoinHandle<anyhow::Result<()>>;
+/// previous message's outcome recorded and fsynced to the ledger. Cloneable,
+/// so that the next message's turn can wait on it too (see `pull`).
+pub type Barrier =
+    futures_util::future::Shared<futures_util::future::BoxFuture<'static, Result<(), String>>>;
+
+/// A barrier that is already passed.
+pub fn no_barrier() -> Barrier {
+    use futures_util::FutureExt as _;
+    futures_util::future::ready(Ok(())).boxed().shared()
+}
+
+/// Delivery sessions to one local server, used in parallel by a pass
+/// (`delivery_sessions`); each opens its connection only when it is first
+/// given a message.
+pub struct Sessions(pub Vec<Deliverer>);
+
+impl Sessions {
+    pub fn new(target: &Deliver, helo_name: &str, timeout: Duration, n: usize) -> Sessions {
+        Sessions(
+            (0..n.max(1))
+                .map(|_| Deliverer::new(target.clone(), helo_name.to_string(), timeout))
+                .collect(),
+        )
+    }
+
+    /// Connections opened so far, over all sessions.
+    pub fn connections(&self) -> u32 {
+        self.0.iter().map(|d| d.connections).sum()
+    }
+
+    pub fn target(&self) -> &Deliver {
+        self.0[0].target()
+    }
+
+    pub async fn quit(&mut self) {
+        futures_util::future::join_all(self.0.iter_mut().map(Deliverer::quit)).await;
+    }
+}
 
 /// The barrier failed: the previous delivery may not be on disk. The
 /// message in flight was not completed (its connection was dropped before
@@ -121,7 +160,7 @@ impl Deliverer {
         env: &Envelope,
         prefix: &[u8],
         msg: &[u8],
-        barrier: &mut Option<Barrier>,
+        barrier: Option<Barrier>,
     ) -> Result<Delivery, BarrierFailed> {
         match self.try_deliver(env, prefix, msg, barrier).await {
             Err(e) if e.downcast_ref::<BarrierFailed>().is_some() => {
@@ -149,7 +188,7 @@ impl Deliverer {
         env: &Envelope,
         prefix: &[u8],
         msg: &[u8],
-        barrier: &mut Option<Barrier>,
+        barrier: Option<Barrier>,
     ) -> Result<Delivery> {
         if self.session.is_none() {
             let s = self.connect().await?;
@@ -174,7 +213,7 @@ impl Deliverer {
         if s.ext.size.is_some() {
             mail.push_str(&format!(" SIZE={size}"));
         }
-        let eight_bit = msg.iter().chain(prefix).any(|b| *b >= 0x80);
+        let eight_bit = !msg.is_ascii() || !prefix.is_ascii();
         if eight_bit && s.ext.eight_bit_mime {
             mail.push_str(" BODY=8BITMIME");
         }
@@ -185,8 +224,13 @@ impl Deliverer {
         let mut commands = vec![mail];
         commands.extend(env.recipients.iter().map(|r| format!("RCPT TO:<{r}>")));
 
-        let mut replies = Vec::with_capacity(commands.len());
-        if s.ext.pipelining {
+        // With PIPELINING, DATA ends the group (RFC 2920 section 3.1): a
+        // server that accepted no recipient must answer it with 503 or 554,
+        // so no message is ever sent blind, and a round trip is saved.
+        let pipelined = s.ext.pipelining;
+        let mut replies = Vec::with_capacity(commands.len() + 1);
+        if pipelined {
+            commands.push("DATA".into());
             let batch: String = commands.iter().map(|c| format!("{c}\r\n")).collect();
             tracing::trace!(peer, "C: {}", batch.trim_end());
             timed(&peer, limit, s.io.get_mut().write_all(batch.as_bytes())).await?;
@@ -203,11 +247,16 @@ impl Deliverer {
             let r = replies.iter().find(|r| r.code == 421).unwrap();
             return Ok(Delivery::all(Outcome::Deferred, format!("{peer}: {r}")));
         }
+        let data_reply = if pipelined { replies.pop() } else { None };
+        // A transaction given up before the message: RSET, unless the server
+        // said 354 to the pipelined DATA all the same (it would take the next
+        // line as the message): then only dropping the connection is safe.
+        let in_data = data_reply.as_ref().is_some_and(|r| r.code == 354);
         let mail_reply = &replies[0];
         if !mail_reply.is_ok() {
             let outcome = class_outcome(mail_reply.class());
             let text = format!("MAIL FROM refused: {mail_reply}");
-            self.reset().await;
+            self.abort(in_data).await;
             return Ok(Delivery::all(outcome, text));
         }
         let mut accepted = Vec::new();
@@ -222,7 +271,7 @@ impl Deliverer {
         if accepted.is_empty() {
             let outcome = worst(refused.iter().map(|(_, r)| r.class()));
             let text = describe_refused(&refused);
-            self.reset().await;
+            self.abort(in_data).await;
             return Ok(Delivery::all(outcome, text));
         }
 
@@ -230,7 +279,10 @@ impl Deliverer {
         // refused ones are retried (4xx) or quarantined (5xx) on their own,
         // and the ledger remembers who already has it, so no one gets it twice.
         let s = self.session.as_mut().expect("session open");
-        let r = command(&mut s.io, &peer, limit, "DATA").await?;
+        let r = match data_reply {
+            Some(r) => r,
+            None => command(&mut s.io, &peer, limit, "DATA").await?,
+        };
         if r.code != 354 {
             let outcome = class_outcome(r.class());
             if r.code == 421 {
@@ -240,7 +292,7 @@ impl Deliverer {
             }
             return Ok(Delivery::all(outcome, format!("DATA refused: {r}")));
         }
-        send_data(&mut s.io, &peer, limit, prefix, msg, barrier.take()).await?;
+        send_data(&mut s.io, &peer, limit, prefix, msg, barrier).await?;
 
         let mut final_replies = Vec::new();
         if lmtp {
@@ -346,6 +398,16 @@ impl Deliverer {
     }
 
     /// Ends the session politely, if one is open.
+    /// Ends a transaction before its message: RSET, or, if the server is
+    /// already waiting for the message, a dropped connection.
+    async fn abort(&mut self, in_data: bool) {
+        if in_data {
+            self.session = None;
+        } else {
+            self.reset().await;
+        }
+    }
+
     pub async fn quit(&mut self) {
         let peer = self.peer();
         if let Some(mut s) = self.session.take() {
@@ -427,30 +489,33 @@ async fn send_data(
     msg: &[u8],
     barrier: Option<Barrier>,
 ) -> Result<()> {
-    // The trace header, the message and the terminating "." leave in as
-    // few writes as the chunk size allows, the terminator always with the
-    // message's last bytes: a separate small write for it is what stalls
-    // other tools for tens of milliseconds per message (Nagle and delayed
-    // ACKs).
+    // Everything but the message's last bytes goes out before the barrier
+    // is awaited, so the server takes it in while the previous delivery's
+    // ledger row reaches the disk; after the barrier, one small write
+    // carries those last bytes and the terminating ".". (The terminator
+    // never leaves alone: a separate small write for it is what stalls
+    // other tools for tens of milliseconds per message, Nagle's algorithm
+    // and delayed ACKs.)
     let mut enc = DataEncoder::default();
     let mut buf = Vec::with_capacity(CHUNK + CHUNK / 8 + prefix.len());
     let w = io.get_mut();
+    let (body, tail) = msg.split_at(msg.len().saturating_sub(TAIL));
     enc.feed(prefix, &mut buf);
-    let mut pieces = msg.chunks(CHUNK).peekable();
-    while let Some(piece) = pieces.next() {
+    for piece in body.chunks(CHUNK) {
         enc.feed(piece, &mut buf);
-        if buf.len() >= CHUNK && pieces.peek().is_some() {
+        if buf.len() >= CHUNK {
             timed(peer, limit, w.write_all(&buf)).await?;
             buf.clear();
         }
     }
+    if !buf.is_empty() {
+        timed(peer, limit, w.write_all(&buf)).await?;
+        buf.clear();
+    }
+    enc.feed(tail, &mut buf);
     enc.finish(&mut buf);
     if let Some(b) = barrier {
-        match b.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(BarrierFailed(format!("{e:#}")).into()),
-            Err(e) => return Err(BarrierFailed(e.to_string()).into()),
-        }
+        b.await.map_err(BarrierFailed)?;
     }
     timed(peer, limit, w.write_all(&buf)).await?;
     timed(peer, limit, w.flush()).await?;

@@ -10,7 +10,7 @@ pub mod headers;
 pub mod reply;
 pub mod wire;
 
-pub use client::{Deliverer, Delivery, Envelope};
+pub use client::{Deliverer, Delivery, Envelope, Sessions};
 
 /// What became of one message. Only `Delivered` ever leads to removal from
 /// the remote server.

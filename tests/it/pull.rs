@@ -320,7 +320,9 @@ fn smtp_server_down_defers_and_leaves_mail_on_the_server() {
     let case = Case::new(
         "smtp://127.0.0.1:1",
         &["x@example.test"],
-        "max_deferrals = 3",
+        // One session, so that no other attempt is under way when the
+        // third deferral stops the pass.
+        "max_deferrals = 3\ndelivery_sessions = 1",
     );
     for n in 0..5 {
         drop_message(&case.user, n, &message(n, "bob@remote.test", "x"), false);
@@ -455,4 +457,71 @@ fn message_over_the_servers_size_limit_is_quarantined_unsent() {
         .unwrap()
         .contains("over the SIZE limit of 1000"));
     assert!(!flags(&case.user, "INBOX")[&2].contains("\\Seen"));
+}
+
+/// With several delivery sessions, messages still complete one at a time
+/// and in UID order: when the local server gets a message's final ".", the
+/// ledger already holds every message before it, and no other message is
+/// waiting for its reply (the duplicate window stays one message).
+#[test]
+fn parallel_sessions_complete_one_message_at_a_time_in_uid_order() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::{Arc, Mutex, OnceLock};
+    use std::time::Duration;
+    let ledger: Arc<OnceLock<std::path::PathBuf>> = Arc::default();
+    let waiting = Arc::new(AtomicU32::new(0));
+    let most_waiting = Arc::new(AtomicU32::new(0));
+    let seen: Arc<Mutex<Vec<(usize, i64, String)>>> = Arc::default();
+    let fake = {
+        let (ledger, waiting, most_waiting, seen) = (
+            ledger.clone(),
+            waiting.clone(),
+            most_waiting.clone(),
+            seen.clone(),
+        );
+        FakeSmtp::start(move |n, got| {
+            let now = waiting.fetch_add(1, Ordering::SeqCst) + 1;
+            most_waiting.fetch_max(now, Ordering::SeqCst);
+            let db = rusqlite::Connection::open(ledger.get().unwrap()).unwrap();
+            db.busy_timeout(Duration::from_secs(5)).unwrap();
+            let recorded: i64 = db
+                .query_row(
+                    "SELECT count(*) FROM message WHERE state = 'delivered'",
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            let text = String::from_utf8_lossy(&got.data);
+            let subject = text
+                .lines()
+                .find_map(|l| l.strip_prefix("Subject: "))
+                .unwrap_or("?")
+                .to_string();
+            seen.lock().unwrap().push((n, recorded, subject));
+            // Slow to answer, so that another session's "." would arrive
+            // meanwhile if the sessions were not kept in turn.
+            std::thread::sleep(Duration::from_millis(30));
+            waiting.fetch_sub(1, Ordering::SeqCst);
+            "250 ok".into()
+        })
+    };
+    let case = Case::new(&fake.url(), &["x@example.test"], "delivery_sessions = 3\n");
+    ledger.set(case.ledger.clone()).unwrap();
+    for n in 0..12 {
+        // Some large, so that bodies are still on the wire while others end.
+        let body = "x".repeat(if n % 3 == 0 { 300_000 } else { 100 });
+        drop_message(&case.user, n, &message(n, "bob@remote.test", &body), false);
+    }
+    assert_exit(&case.run(&["run"]), 0);
+    assert!(
+        fake.connections.load(Ordering::SeqCst) >= 2,
+        "more than one session was used"
+    );
+    assert_eq!(most_waiting.load(Ordering::SeqCst), 1);
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 12);
+    for (n, recorded, subject) in seen {
+        assert_eq!(recorded, n as i64, "ledger rows when message {n} ended");
+        assert_eq!(subject, format!("message {n}"), "UID order");
+    }
 }
