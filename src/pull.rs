@@ -21,7 +21,7 @@ use futures_util::{FutureExt as _, StreamExt as _};
 use crate::config::{Account, Initial, SenderPolicy};
 use crate::deliver::client::{no_barrier, Barrier};
 use crate::deliver::{headers, Deliverer, Envelope, Outcome, Sessions};
-use crate::imap::{uid_sets, Imap, FETCH_ITEMS};
+use crate::imap::{byte_batches, uid_sets, Imap, FETCH_ITEMS};
 use crate::ledger::{Attempt, LedgerHandle, MailboxState, MessageKey, OldRow, State};
 
 /// Messages fetched and waiting for a delivery session, besides one per
@@ -229,6 +229,9 @@ type Fetched = (HashSet<u32>, Vec<u32>, bool, Option<anyhow::Error>);
 /// near this plus the largest message, however many sessions there are.
 pub const IN_FLIGHT_BYTES: usize = 8 << 20;
 
+/// Bytes asked for in one UID FETCH (a bigger message goes alone).
+pub const FETCH_BATCH_BYTES: u64 = 16 << 20;
+
 /// A fetched message and its share of [`IN_FLIGHT_BYTES`], released when
 /// its delivery is over.
 type Fetched1 = (Fetch, tokio::sync::OwnedSemaphorePermit);
@@ -277,9 +280,17 @@ async fn fetch_and_deliver(
         let imap = &mut *imap;
         let wanted = &wanted;
         async move {
+            // Batches of about FETCH_BATCH_BYTES: when delivery stops early
+            // (the local server is down, a signal), only the rest of the
+            // current batch is still downloaded, not the whole mailbox.
+            let wanted_list: Vec<u32> = groups.iter().flatten().copied().collect();
+            let sizes = imap.sizes(&wanted_list).await?;
+            let batches = groups
+                .iter()
+                .flat_map(|g| byte_batches(g, &sizes, FETCH_BATCH_BYTES));
             let mut receiver_gone = false;
-            for group in groups {
-                for set in uid_sets(group) {
+            for batch in batches {
+                for set in uid_sets(&batch) {
                     let mut stream = imap.fetch(&set, FETCH_ITEMS).await?;
                     loop {
                         // No timeout around a whole item: the socket's idle
@@ -313,6 +324,9 @@ async fn fetch_and_deliver(
                             // response so the connection stays usable.
                             receiver_gone = true;
                         }
+                    }
+                    if receiver_gone {
+                        break;
                     }
                 }
                 if receiver_gone {

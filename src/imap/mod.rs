@@ -9,7 +9,7 @@
 
 pub mod utf7;
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -363,6 +363,22 @@ impl Imap {
         }
         found.retain(|u| uids.contains(u));
         Ok(found)
+    }
+
+    /// The sizes (RFC822.SIZE) of those of `uids` that still exist.
+    pub async fn sizes(&mut self, uids: &[u32]) -> Result<HashMap<u32, u64>> {
+        let mut sizes = HashMap::new();
+        let peer = self.peer.clone();
+        for set in uid_sets(uids) {
+            let mut stream = self.fetch(&set, "(UID RFC822.SIZE)").await?;
+            while let Some(f) = stream.next().await {
+                let f = f.with_context(|| format!("UID FETCH (RFC822.SIZE) on {peer}"))?;
+                if let (Some(uid), Some(size)) = (f.uid, f.size) {
+                    sizes.insert(uid, u64::from(size));
+                }
+            }
+        }
+        Ok(sizes)
     }
 
     /// Starts `UID FETCH set items`. The stream's reads are bounded by the
@@ -787,6 +803,28 @@ impl async_imap::Authenticator for PlainAuth {
 
 /// Sorted UIDs as IMAP sequence sets ("1:4,7,9:12"), each short enough for
 /// one command line.
+/// Splits `uids` (in their order) into runs of at most `max_bytes` by
+/// `sizes`; a message bigger than that is a run of its own, and one of
+/// unknown size counts as nothing (it is gone, or the FETCH says so).
+pub fn byte_batches(uids: &[u32], sizes: &HashMap<u32, u64>, max_bytes: u64) -> Vec<Vec<u32>> {
+    let mut batches: Vec<Vec<u32>> = Vec::new();
+    let mut bytes = 0u64;
+    for &uid in uids {
+        let size = sizes.get(&uid).copied().unwrap_or(0);
+        match batches.last_mut() {
+            Some(b) if bytes + size <= max_bytes => {
+                b.push(uid);
+                bytes += size;
+            }
+            _ => {
+                batches.push(vec![uid]);
+                bytes = size;
+            }
+        }
+    }
+    batches
+}
+
 pub fn uid_sets(uids: &[u32]) -> Vec<String> {
     let mut sorted: Vec<u32> = uids.to_vec();
     sorted.sort_unstable();
@@ -839,5 +877,28 @@ mod tests {
             .map(|p| p.parse().unwrap())
             .collect();
         assert_eq!(back, many);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn byte_batches_keep_order_and_stay_under_the_limit(
+            sizes in proptest::collection::vec(0u64..3000, 0..60),
+            max in 1u64..5000,
+        ) {
+            let uids: Vec<u32> = (1..=sizes.len() as u32).rev().collect();
+            let by_uid: HashMap<u32, u64> = uids.iter().copied().zip(sizes.iter().copied()).collect();
+            let batches = byte_batches(&uids, &by_uid, max);
+            proptest::prop_assert_eq!(batches.concat(), uids.clone());
+            for b in &batches {
+                proptest::prop_assert!(!b.is_empty());
+                let bytes: u64 = b.iter().map(|u| by_uid[u]).sum();
+                proptest::prop_assert!(bytes <= max || b.len() == 1, "{:?} has {} bytes", b, bytes);
+            }
+            // Greedy: no batch could have taken the next one's first message.
+            for w in batches.windows(2) {
+                let bytes: u64 = w[0].iter().map(|u| by_uid[u]).sum();
+                proptest::prop_assert!(bytes + by_uid[&w[1][0]] > max);
+            }
+        }
     }
 }

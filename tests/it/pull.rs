@@ -525,3 +525,33 @@ fn parallel_sessions_complete_one_message_at_a_time_in_uid_order() {
         assert_eq!(subject, format!("message {n}"), "UID order");
     }
 }
+
+/// When delivery stops early, only the rest of the current FETCH batch
+/// (about 16 MB) is still downloaded, not the whole mailbox.
+#[test]
+fn a_pass_stopped_early_does_not_download_the_whole_mailbox() {
+    let case = Case::new(
+        "smtp://127.0.0.1:1",
+        &["x@example.test"],
+        "max_deferrals = 2\ndelivery_sessions = 1\ncompress = false",
+    );
+    // 12 messages of 3 MB: 36 MB, in batches of five.
+    for n in 0..12 {
+        let body = format!("{n}").repeat(3_000_000);
+        drop_message(&case.user, n, &message(n, "bob@remote.test", &body), false);
+    }
+    let out = case.run(&["-v", "run"]);
+    assert_exit(&out, 75);
+    let log = stderr(&out);
+    assert_eq!(case.rows().len(), 2, "{log}");
+    let bytes_in: u64 = log
+        .split("bytes_in=")
+        .nth(1)
+        .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no bytes_in in the log: {log}"));
+    assert!(
+        bytes_in < 17_000_000,
+        "{bytes_in} bytes downloaded for a pass that stopped after two messages"
+    );
+}
