@@ -429,7 +429,7 @@ async fn serve(
     status: &Status,
 ) -> Result<()> {
     let account = &spec.account;
-    let mut deliverer = Sessions::new(
+    let mut sessions = Sessions::new(
         &account.deliver,
         &account.ehlo,
         account.deliver_timeout,
@@ -449,7 +449,7 @@ async fn serve(
     let idle = spec.mailboxes.len() == 1 && imap.has("IDLE");
     loop {
         for mb in &spec.mailboxes {
-            let work = work_mailbox(&ctx, &mut imap, &mut deliverer, mb, Mode::Pull).await;
+            let work = work_mailbox(&ctx, &mut imap, &mut sessions, mb, Mode::Pull).await;
             if work.report.delivered > 0 {
                 status
                     .delivered
@@ -466,13 +466,13 @@ async fn serve(
                 }
             }
             if let Some(e) = work.error {
-                deliverer.quit().await;
+                sessions.quit().await;
                 return Err(e);
             }
         }
         // Sessions to the local server are opened when there is mail and
         // not kept between passes.
-        deliverer.quit().await;
+        sessions.quit().await;
         if stop.load(Ordering::SeqCst) {
             break;
         }

@@ -211,7 +211,7 @@ async fn run_account(
             return result;
         }
     };
-    let mut deliverer = Sessions::new(
+    let mut sessions = Sessions::new(
         &account.deliver,
         &account.ehlo,
         account.deliver_timeout,
@@ -225,7 +225,7 @@ async fn run_account(
         stop: None,
     };
     for mb in &account.mailboxes {
-        let work = work_mailbox(&ctx, &mut imap, &mut deliverer, mb, mode).await;
+        let work = work_mailbox(&ctx, &mut imap, &mut sessions, mb, mode).await;
         result.report.add(&work.report);
         result.removed += work.removed;
         if let Some(e) = work.error {
@@ -244,7 +244,7 @@ async fn run_account(
             }
         }
     }
-    deliverer.quit().await;
+    sessions.quit().await;
     imap.logout().await;
     result
 }
@@ -262,7 +262,7 @@ pub(crate) struct Work {
 pub(crate) async fn work_mailbox(
     ctx: &Ctx<'_>,
     imap: &mut imap::Imap,
-    deliverer: &mut Sessions,
+    sessions: &mut Sessions,
     mb: &config::MailboxConfig,
     mode: Mode,
 ) -> Work {
@@ -274,7 +274,7 @@ pub(crate) async fn work_mailbox(
         error: None,
     };
     let outcome = if mode == Mode::Pull {
-        let outcome = pull::pass(ctx, imap, deliverer, &mb.name, &mut work.report)
+        let outcome = pull::pass(ctx, imap, sessions, &mb.name, &mut work.report)
             .instrument(span.clone())
             .await;
         span.in_scope(|| log_summary(&work.report, started));

@@ -418,7 +418,7 @@ async fn session_worker(
         let body = f.body().expect("checked by the fetch side");
         // On an error `done` is dropped: the next message's barrier fails
         // and it is not completed either.
-        let outcome = deliver_one(
+        let (outcome, synced) = deliver_one(
             ctx,
             deliverer,
             mailbox,
@@ -430,7 +430,7 @@ async fn session_worker(
             prev.clone(),
         )
         .await?;
-        hand_on(prev, Some(ctx.ledger.sync()), done);
+        hand_on(prev, Some(synced), done);
         let mut t = tally_of(tally);
         t.attempted.insert(uid);
         match outcome {
@@ -488,6 +488,8 @@ fn hand_on(
     });
 }
 
+/// Delivers one message and records the outcome; the handle returned ends
+/// when that record is on disk.
 #[allow(clippy::too_many_arguments)]
 async fn deliver_one(
     ctx: &Ctx<'_>,
@@ -499,7 +501,7 @@ async fn deliver_one(
     body: &[u8],
     already: &HashMap<u32, Vec<String>>,
     barrier: Barrier,
-) -> Result<Outcome> {
+) -> Result<(Outcome, tokio::task::JoinHandle<Result<()>>)> {
     let a = ctx.account;
     let done: &[String] = already.get(&uid).map(Vec::as_slice).unwrap_or(&[]);
     let recipients: Vec<String> = a
@@ -564,9 +566,12 @@ async fn deliver_one(
         delivered_to,
         now,
     };
-    ctx.ledger
-        .call(move |l| l.record(&attempt))
+    let (recorded, synced) = ctx.ledger.record_then_sync(attempt);
+    recorded
         .await
+        .unwrap_or_else(|_| {
+            Err(anyhow!("the ledger task ended").context(crate::ledger::LedgerFailure))
+        })
         .context("recording a delivery in the ledger")?;
     let mid = message_id.as_deref().unwrap_or("-");
     // One line per message; the level says how it went.
@@ -588,7 +593,7 @@ async fn deliver_one(
         Outcome::Deferred => log!(warn, "deferred"),
         Outcome::Rejected => log!(error, "rejected (quarantined)"),
     }
-    Ok(d.outcome)
+    Ok((d.outcome, synced))
 }
 
 /// A trace header naming where the message came from (RFC 5321 section

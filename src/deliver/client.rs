@@ -101,15 +101,6 @@ impl Sessions {
         )
     }
 
-    /// Connections opened so far, over all sessions.
-    pub fn connections(&self) -> u32 {
-        self.0.iter().map(|d| d.connections).sum()
-    }
-
-    pub fn target(&self) -> &Deliver {
-        self.0[0].target()
-    }
-
     pub async fn quit(&mut self) {
         futures_util::future::join_all(self.0.iter_mut().map(Deliverer::quit)).await;
     }
@@ -397,7 +388,6 @@ impl Deliverer {
         }
     }
 
-    /// Ends the session politely, if one is open.
     /// Ends a transaction before its message: RSET, or, if the server is
     /// already waiting for the message, a dropped connection.
     async fn abort(&mut self, in_data: bool) {
@@ -408,6 +398,7 @@ impl Deliverer {
         }
     }
 
+    /// Ends the session politely, if one is open.
     pub async fn quit(&mut self) {
         let peer = self.peer();
         if let Some(mut s) = self.session.take() {

@@ -552,20 +552,33 @@ impl LedgerHandle {
         LedgerHandle(Arc::new(Mutex::new(l)), wal_file)
     }
 
-    /// Makes every commit so far durable against a power cut: an fsync of
-    /// the write-ahead log (a commit is a WAL append; SQLite replays the
-    /// log's valid frames after a crash). Runs in the background; the
-    /// returned handle is awaited before the next message may be accepted.
-    pub fn sync(&self) -> tokio::task::JoinHandle<Result<()>> {
-        let wal = self.1.clone();
-        tokio::task::spawn_blocking(move || {
-            if let Some(wal) = wal {
-                std::fs::File::open(&wal)
-                    .and_then(|f| f.sync_data())
-                    .with_context(|| format!("syncing {}", wal.display()))?;
-            }
-            Ok(())
-        })
+    /// Records a delivery attempt and then makes it durable against a power
+    /// cut (an fsync of the write-ahead log: a commit is a WAL append, and
+    /// SQLite replays the log's valid frames after a crash), in one job on
+    /// the blocking pool, so that the fsync starts the moment the row is
+    /// committed. The receiver answers when the row is committed (from then
+    /// on a crash of imapull cannot lose it); the handle when it is on disk.
+    pub fn record_then_sync(
+        &self,
+        attempt: Attempt,
+    ) -> (
+        tokio::sync::oneshot::Receiver<Result<()>>,
+        tokio::task::JoinHandle<Result<()>>,
+    ) {
+        let (inner, wal) = (self.0.clone(), self.1.clone());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let synced = tokio::task::spawn_blocking(move || {
+            let recorded = inner
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .record(&attempt)
+                .map_err(|e| e.context(LedgerFailure));
+            let ok = recorded.is_ok();
+            let _ = tx.send(recorded);
+            anyhow::ensure!(ok, "the delivery was not recorded");
+            sync_wal(wal.as_deref())
+        });
+        (rx, synced)
     }
 
     pub async fn call<R, F>(&self, f: F) -> Result<R>
@@ -582,6 +595,15 @@ impl LedgerHandle {
         .context("ledger task panicked")?
         .map_err(|e| e.context(LedgerFailure))
     }
+}
+
+fn sync_wal(wal: Option<&std::path::Path>) -> Result<()> {
+    if let Some(wal) = wal {
+        std::fs::File::open(wal)
+            .and_then(|f| f.sync_data())
+            .with_context(|| format!("syncing {}", wal.display()))?;
+    }
+    Ok(())
 }
 
 /// Marks an error as the ledger's: the run cannot go on without it.
