@@ -3,14 +3,16 @@
 # mailbox over IMAPS from a throwaway Dovecot into the same receiver
 # (Postfix's smtp-sink), on 127.0.0.1; plus PullIMAP with TCP_NODELAY forced
 # by an LD_PRELOAD shim (pullimap-nd, bench/nodelay.c), and the limit, a
-# bare client that issues one UID FETCH 1:* and discards the bytes; imapull-1s
-# is imapull with one delivery session (BENCH_TOOLS picks tools). As root on Debian:
+# bare client that issues one UID FETCH 1:* and discards the bytes; imapull-2s
+# is imapull with two delivery sessions (BENCH_TOOLS picks tools). As root on Debian:
 #
 #   bench/run.sh [N] [RUNS] [MIX]     default: 1000 messages, 3 runs, realistic
 #   bench/run.sh memory               peak RSS: a 50 MB message among small
 #                                     ones; 1,000 vs 50,000 small messages
 #   bench/run.sh accounts             20 accounts at once, and nothing new
 #   bench/run.sh compress [N] [MIX]   bytes on the wire with and without DEFLATE
+#   bench/run.sh receivers [N] [RUNS] imapull into Postfix and Dovecot LMTP,
+#                                     one and two delivery sessions
 #
 # It prints a table with medians of RUNS runs and the ratios of each tool
 # to imapull and to the limit. docs/performance.md has the latest figures.
@@ -99,9 +101,9 @@ initial = "all"
 compress = ${COMPRESS:-false}
 CONF
     chmod 600 "$work/imapull.toml"
-    # imapull-1s: one delivery session instead of the default two.
-    sed 's/^compress = .*/&\ndelivery_sessions = 1/' "$work/imapull.toml" > "$work/imapull-1s.toml"
-    chmod 600 "$work/imapull-1s.toml"
+    # imapull-2s: two delivery sessions instead of the default one.
+    sed 's/^compress = .*/&\ndelivery_sessions = 2/' "$work/imapull.toml" > "$work/imapull-2s.toml"
+    chmod 600 "$work/imapull-2s.toml"
     cat > "$work/pullimap.conf" <<CONF
 [bench]
 type = imaps
@@ -133,9 +135,9 @@ run_tool() {
             rm -f "$work"/ledger.sqlite3*
             timed "$imapull" --config "$work/imapull.toml" -q run
             ;;
-        imapull-1s)
+        imapull-2s)
             rm -f "$work"/ledger.sqlite3*
-            timed "$imapull" --config "$work/imapull-1s.toml" -q run
+            timed "$imapull" --config "$work/imapull-2s.toml" -q run
             ;;
         pullimap)
             rm -f "$work/pullimap.state"
@@ -261,10 +263,58 @@ compress() {
     done
 }
 
+# imapull into real receivers, with one and two delivery sessions: Postfix
+# over SMTP (queue file fsynced before its 250, then virtual delivery to a
+# Maildir) and Dovecot over LMTP (the message saved before its 250). The
+# time is imapull's run; the count waits for Postfix's queue to drain.
+receivers() {
+    local n=${1:-1000} runs=${2:-3} target s url rcpt dir got i wall
+    rm -rf "$work/template"
+    "$tools" seed "$work/template" "$n" 42 realistic
+    write_configs
+    scripts/testenv.sh adduser "$work" u7
+    for target in postfix lmtp; do
+        if [[ $target == postfix ]]; then
+            url="smtp://127.0.0.1:$SMTP_PORT" rcpt=carol@example.test dir=$VMAIL/carol
+        else
+            url="lmtp://127.0.0.1:$LMTP_PORT" rcpt=u7@example.test dir=$HOMES/u7/Maildir
+        fi
+        for s in 1 2; do
+            sed -e "s|^deliver = .*|deliver = \"$url\"|" \
+                -e "s|^recipients = .*|recipients = [\"$rcpt\"]|" \
+                -e "s|^compress = .*|&\ndelivery_sessions = $s|" \
+                "$work/imapull.toml" > "$work/receiver.toml"
+            chmod 600 "$work/receiver.toml"
+            : > "$work/runs"
+            for _ in $(seq 1 "$runs"); do
+                restore
+                rm -rf "$dir"
+                rm -f "$work"/ledger.sqlite3*
+                read -r wall _ < <(timed "$imapull" --config "$work/receiver.toml" -q run)
+                got=0
+                for i in $(seq 1 1200); do
+                    got=$(find "$dir" -path '*/new/*' -type f 2>/dev/null | wc -l)
+                    ((got >= n)) && break
+                    sleep 0.1
+                done
+                ((got == n)) || echo "bench: $target received $got of $n messages" >&2
+                echo "$wall" >> "$work/runs"
+            done
+            wall=$(median < "$work/runs")
+            printf '%-8s delivery_sessions = %s: %5s s, %7s msgs/s (median of %s)\n' "$target" "$s" \
+                "$wall" "$(awk -v n="$n" -v w="$wall" 'BEGIN {printf "%.1f", n / w}')" "$runs"
+        done
+    done
+}
+
 case ${1:-} in
     compress)
         echo "== COMPRESS=DEFLATE off and on, ${2:-1000} messages (${3:-realistic} mix)"
         compress "${2:-1000}" "${3:-realistic}"
+        ;;
+    receivers)
+        echo "== imapull into Postfix (SMTP) and Dovecot (LMTP), ${2:-1000} messages"
+        receivers "${2:-1000}" "${3:-3}"
         ;;
     accounts)
         echo "== 20 accounts, 5 small messages each, over IMAPS on 127.0.0.1"

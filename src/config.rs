@@ -24,7 +24,7 @@ use crate::secret::Secret;
 /// and short enough that a hung run from a timer is noticed.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
 /// Delivery sessions per pass, unless `delivery_sessions` says otherwise.
-const DEFAULT_DELIVERY_SESSIONS: u32 = 2;
+const DEFAULT_DELIVERY_SESSIONS: u32 = 1;
 
 /// How many accounts one run works on at once, by default. Each holds one
 /// IMAP and one delivery connection; eight makes twenty small mailboxes
