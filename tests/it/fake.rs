@@ -23,6 +23,8 @@ type Decide = dyn Fn(usize, &Got) -> String + Send + Sync;
 pub struct FakeSmtp {
     pub port: u16,
     pub got: Arc<Mutex<Vec<Got>>>,
+    /// What arrived after a 354 on connections that ended before the ".".
+    pub cut_short: Arc<Mutex<Vec<Vec<u8>>>>,
     pub connections: Arc<AtomicU32>,
     stop: Arc<AtomicBool>,
 }
@@ -39,6 +41,7 @@ impl FakeSmtp {
         FakeSmtp::bind(
             TcpListener::bind(("127.0.0.1", port)).unwrap(),
             100_000_000,
+            "250 ok",
             |_, _| "250 ok".into(),
         )
     }
@@ -48,33 +51,65 @@ impl FakeSmtp {
         size: u64,
         decide: impl Fn(usize, &Got) -> String + Send + Sync + 'static,
     ) -> FakeSmtp {
-        FakeSmtp::bind(TcpListener::bind("127.0.0.1:0").unwrap(), size, decide)
+        FakeSmtp::bind(
+            TcpListener::bind("127.0.0.1:0").unwrap(),
+            size,
+            "250 ok",
+            decide,
+        )
+    }
+
+    /// A broken server: it refuses every recipient with `rcpt_reply` and
+    /// still answers a pipelined DATA with 354 (RFC 2920 says 503/554).
+    pub fn data_despite_no_recipient(rcpt_reply: &'static str) -> FakeSmtp {
+        FakeSmtp::bind(
+            TcpListener::bind("127.0.0.1:0").unwrap(),
+            100_000_000,
+            rcpt_reply,
+            |_, _| "250 ok".into(),
+        )
     }
 
     fn bind(
         listener: TcpListener,
         size: u64,
+        rcpt_reply: &'static str,
         decide: impl Fn(usize, &Got) -> String + Send + Sync + 'static,
     ) -> FakeSmtp {
         listener.set_nonblocking(true).unwrap();
         let port = listener.local_addr().unwrap().port();
         let got = Arc::new(Mutex::new(Vec::new()));
+        let cut_short = Arc::new(Mutex::new(Vec::new()));
         let connections = Arc::new(AtomicU32::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let decide: Arc<Decide> = Arc::new(decide);
         let counter = Arc::new(AtomicU32::new(0));
         {
-            let (got, connections, stop) = (got.clone(), connections.clone(), stop.clone());
+            let (got, cut_short, connections, stop) = (
+                got.clone(),
+                cut_short.clone(),
+                connections.clone(),
+                stop.clone(),
+            );
             std::thread::spawn(move || {
                 while !stop.load(Ordering::SeqCst) {
                     match listener.accept() {
                         Ok((s, _)) => {
                             s.set_nonblocking(false).unwrap();
                             connections.fetch_add(1, Ordering::SeqCst);
-                            let (got, decide, counter) =
-                                (got.clone(), decide.clone(), counter.clone());
+                            let (got, cut_short, decide, counter) = (
+                                got.clone(),
+                                cut_short.clone(),
+                                decide.clone(),
+                                counter.clone(),
+                            );
                             std::thread::spawn(move || {
-                                let _ = smtp_session(s, size, &got, &*decide, &counter);
+                                let stores = Stores {
+                                    got: &got,
+                                    cut_short: &cut_short,
+                                };
+                                let _ =
+                                    smtp_session(s, size, rcpt_reply, stores, &*decide, &counter);
                             });
                         }
                         Err(_) => std::thread::sleep(Duration::from_millis(10)),
@@ -85,6 +120,7 @@ impl FakeSmtp {
         FakeSmtp {
             port,
             got,
+            cut_short,
             connections,
             stop,
         }
@@ -105,10 +141,17 @@ impl Drop for FakeSmtp {
     }
 }
 
+/// Where a session keeps what it received.
+struct Stores<'a> {
+    got: &'a Mutex<Vec<Got>>,
+    cut_short: &'a Mutex<Vec<Vec<u8>>>,
+}
+
 fn smtp_session(
     s: TcpStream,
     size: u64,
-    got: &Mutex<Vec<Got>>,
+    rcpt_reply: &str,
+    stores: Stores<'_>,
     decide: &Decide,
     counter: &AtomicU32,
 ) -> std::io::Result<()> {
@@ -144,7 +187,7 @@ fn smtp_session(
         } else if upper.starts_with("RCPT TO:") {
             let a = line[8..].trim();
             cur.recipients.push(a[1..a.len() - 1].to_string());
-            w.write_all(b"250 ok\r\n")?;
+            w.write_all(format!("{rcpt_reply}\r\n").as_bytes())?;
         } else if upper.starts_with("DATA") {
             w.write_all(b"354 go\r\n")?;
             let mut data = Vec::new();
@@ -152,6 +195,7 @@ fn smtp_session(
                 let mut l = Vec::new();
                 r.read_until(b'\n', &mut l)?;
                 if l.is_empty() {
+                    stores.cut_short.lock().unwrap().push(data);
                     return Ok(());
                 }
                 if l == b".\r\n" {
@@ -163,7 +207,7 @@ fn smtp_session(
             let n = counter.fetch_add(1, Ordering::SeqCst) as usize;
             let reply = decide(n, &cur);
             if reply.starts_with('2') {
-                got.lock().unwrap().push(cur.clone());
+                stores.got.lock().unwrap().push(cur.clone());
             }
             if reply == "drop" {
                 return Ok(());

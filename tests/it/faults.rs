@@ -352,3 +352,33 @@ fn failed_ledger_sync_keeps_the_next_message_from_being_accepted() {
         "the second message was never completed"
     );
 }
+
+/// A server that refuses every recipient but answers the pipelined DATA
+/// with 354 anyway is waiting for a message nobody should get: imapull
+/// drops the connection instead of sending one, and quarantines the
+/// message with the recipient's refusal.
+#[test]
+fn data_accepted_without_recipients_drops_the_connection() {
+    let smtp = FakeSmtp::data_despite_no_recipient("550 5.1.1 no such user");
+    let case = Case::new(&smtp.url(), &["x@example.test"], "");
+    for n in 0..2 {
+        drop_message(&case.user, n, &message(n, "bob@remote.test", "x"), false);
+    }
+    let out = case.run(&["run"]);
+    assert_exit(&out, 65);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(smtp.messages().is_empty(), "no message was completed");
+    // Not a byte after the 354: not the message, not even an RSET that a
+    // server in DATA would take for its first line.
+    let cut = smtp.cut_short.lock().unwrap().clone();
+    assert_eq!(cut, vec![Vec::<u8>::new(); 2]);
+    assert_eq!(
+        smtp.connections.load(Ordering::SeqCst),
+        2,
+        "each aborted transaction cost its connection"
+    );
+    for row in case.rows() {
+        assert_eq!(row.state, "rejected");
+        assert!(row.last_reply.unwrap().contains("550 5.1.1"));
+    }
+}
