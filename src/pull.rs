@@ -391,7 +391,7 @@ async fn session_worker(
         if tally_of(tally).stopped {
             return Ok(());
         }
-        let ((f, _permit), prev, done) = {
+        let ((f, _permit), turn) = {
             let mut q = queue.lock().await;
             let Some(item) = q.rx.recv().await else {
                 return Ok(());
@@ -403,7 +403,8 @@ async fn session_worker(
             }
             .boxed()
             .shared();
-            (item, std::mem::replace(&mut q.last, next), done)
+            let prev = std::mem::replace(&mut q.last, next);
+            (item, Turn { prev, done })
         };
         if ctx.stopping() || tally_of(tally).stopped {
             let mut t = tally_of(tally);
@@ -411,26 +412,15 @@ async fn session_worker(
                 tracing::info!(mailbox, "stopping: the rest waits for the next start");
             }
             t.stopped = true;
-            hand_on(prev, None, done);
+            turn.pass_on()(Ok(()));
             return Ok(());
         }
         let uid = f.uid.expect("checked by the fetch side");
         let body = f.body().expect("checked by the fetch side");
-        // On an error `done` is dropped: the next message's barrier fails
-        // and it is not completed either.
-        let (outcome, synced) = deliver_one(
-            ctx,
-            deliverer,
-            mailbox,
-            uv,
-            uid,
-            &f,
-            body,
-            already,
-            prev.clone(),
-        )
-        .await?;
-        hand_on(prev, Some(synced), done);
+        // On an error the turn is dropped: the next message's barrier
+        // fails and it is not completed either.
+        let outcome =
+            deliver_one(ctx, deliverer, mailbox, uv, uid, &f, body, already, turn).await?;
         let mut t = tally_of(tally);
         t.attempted.insert(uid);
         match outcome {
@@ -468,28 +458,40 @@ fn tally_of(t: &std::sync::Mutex<Tally>) -> std::sync::MutexGuard<'_, Tally> {
     t.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Passes the turn on: the next message may complete once the previous one
-/// has and `sync` (this message's ledger row reaching the disk) is done.
-fn hand_on(
+/// A message's place in the order of acceptance: what its final "." waits
+/// for, and how it lets the next message go.
+struct Turn {
     prev: Barrier,
-    sync: Option<tokio::task::JoinHandle<Result<()>>>,
     done: tokio::sync::oneshot::Sender<Result<(), String>>,
-) {
-    tokio::spawn(async move {
-        let mut r = prev.await;
-        if let (Ok(()), Some(sync)) = (&r, sync) {
-            r = match sync.await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(format!("{e:#}")),
-                Err(e) => Err(e.to_string()),
-            };
-        }
-        let _ = done.send(r);
-    });
 }
 
-/// Delivers one message and records the outcome; the handle returned ends
-/// when that record is on disk.
+impl Turn {
+    /// What to do once this message's ledger row is on disk (or could not
+    /// get there): let the next message go, as soon as the previous one
+    /// has too. Runs on the ledger's thread, which wakes the next message
+    /// directly when, as usual, the previous one is long done.
+    fn pass_on(self) -> impl FnOnce(Result<()>) + Send + 'static {
+        let Turn { prev, done } = self;
+        let runtime = tokio::runtime::Handle::current();
+        move |synced: Result<()>| {
+            let synced = synced.map_err(|e| format!("{e:#}"));
+            match prev.peek().cloned() {
+                Some(r) => {
+                    let _ = done.send(r.and(synced));
+                }
+                None => {
+                    runtime.spawn(async move {
+                        let r = prev.await;
+                        let _ = done.send(r.and(synced));
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// Delivers one message, records the outcome, and passes the turn on once
+/// the record is on disk.
 #[allow(clippy::too_many_arguments)]
 async fn deliver_one(
     ctx: &Ctx<'_>,
@@ -500,8 +502,8 @@ async fn deliver_one(
     f: &Fetch,
     body: &[u8],
     already: &HashMap<u32, Vec<String>>,
-    barrier: Barrier,
-) -> Result<(Outcome, tokio::task::JoinHandle<Result<()>>)> {
+    turn: Turn,
+) -> Result<Outcome> {
     let a = ctx.account;
     let done: &[String] = already.get(&uid).map(Vec::as_slice).unwrap_or(&[]);
     let recipients: Vec<String> = a
@@ -538,7 +540,7 @@ async fn deliver_one(
                 },
                 &prefix,
                 body,
-                Some(barrier),
+                Some(turn.prev.clone()),
             )
             .await
             // Not sent: the previous delivery may not be on disk. Stop.
@@ -566,7 +568,7 @@ async fn deliver_one(
         delivered_to,
         now,
     };
-    let (recorded, synced) = ctx.ledger.record_then_sync(attempt);
+    let recorded = ctx.ledger.record_then_sync(attempt, turn.pass_on());
     recorded
         .await
         .unwrap_or_else(|_| {
@@ -593,7 +595,7 @@ async fn deliver_one(
         Outcome::Deferred => log!(warn, "deferred"),
         Outcome::Rejected => log!(error, "rejected (quarantined)"),
     }
-    Ok((d.outcome, synced))
+    Ok(d.outcome)
 }
 
 /// A trace header naming where the message came from (RFC 5321 section

@@ -557,17 +557,16 @@ impl LedgerHandle {
     /// SQLite replays the log's valid frames after a crash), in one job on
     /// the blocking pool, so that the fsync starts the moment the row is
     /// committed. The receiver answers when the row is committed (from then
-    /// on a crash of imapull cannot lose it); the handle when it is on disk.
+    /// on a crash of imapull cannot lose it); `then` is called with the
+    /// fsync's result, on the blocking thread.
     pub fn record_then_sync(
         &self,
         attempt: Attempt,
-    ) -> (
-        tokio::sync::oneshot::Receiver<Result<()>>,
-        tokio::task::JoinHandle<Result<()>>,
-    ) {
+        then: impl FnOnce(Result<()>) + Send + 'static,
+    ) -> tokio::sync::oneshot::Receiver<Result<()>> {
         let (inner, wal) = (self.0.clone(), self.1.clone());
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let synced = tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
             let recorded = inner
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -575,10 +574,13 @@ impl LedgerHandle {
                 .map_err(|e| e.context(LedgerFailure));
             let ok = recorded.is_ok();
             let _ = tx.send(recorded);
-            anyhow::ensure!(ok, "the delivery was not recorded");
-            sync_wal(wal.as_deref())
+            then(if ok {
+                sync_wal(wal.as_deref())
+            } else {
+                Err(anyhow::anyhow!("the delivery was not recorded"))
+            });
         });
-        (rx, synced)
+        rx
     }
 
     pub async fn call<R, F>(&self, f: F) -> Result<R>
