@@ -164,7 +164,7 @@ pub async fn pass(
             .iter()
             .chain(&new)
             .copied()
-            .filter(|u| !attempted.contains(u))
+            .filter(|u| attempted.binary_search(u).is_err())
             .collect();
         if !missing.is_empty() {
             let still_there = imap.which_exist(&missing).await?;
@@ -222,7 +222,8 @@ pub async fn pass(
     Ok(())
 }
 
-type Fetched = (HashSet<u32>, Vec<u32>, bool, Option<anyhow::Error>);
+/// UIDs attempted (sorted), UIDs to flag, stopped early, the FETCH's error.
+type Fetched = (Vec<u32>, Vec<u32>, bool, Option<anyhow::Error>);
 
 /// Bytes of fetched messages waiting for or in delivery, over all sessions.
 /// A bigger message takes the whole budget and so goes alone: memory stays
@@ -251,7 +252,8 @@ struct Queue {
 /// What the sessions did, shared between them.
 #[derive(Default)]
 struct Tally {
-    attempted: HashSet<u32>,
+    /// Sorted once the pass is over.
+    attempted: Vec<u32>,
     to_flag: Vec<u32>,
     delivered: u32,
     rejected: u32,
@@ -271,75 +273,79 @@ async fn fetch_and_deliver(
     already: &HashMap<u32, Vec<String>>,
     report: &mut PassReport,
 ) -> Result<Fetched> {
-    let wanted: HashSet<u32> = groups.iter().flatten().copied().collect();
+    // Sorted: a few bytes a message, looked up by binary search (a first
+    // pull may ask for hundreds of thousands).
+    let mut wanted: Vec<u32> = groups.iter().flatten().copied().collect();
+    wanted.sort_unstable();
+    wanted.dedup();
     let (tx, rx) = tokio::sync::mpsc::channel::<Fetched1>(sessions.0.len() + PIPELINE_DEPTH);
     let budget = std::sync::Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT_BYTES));
     let peer = imap.peer.clone();
 
-    let fetch_side = {
-        let imap = &mut *imap;
-        let wanted = &wanted;
-        async move {
-            // Batches of about FETCH_BATCH_BYTES: when delivery stops early
-            // (the local server is down, a signal), only the rest of the
-            // current batch is still downloaded, not the whole mailbox.
-            let wanted_list: Vec<u32> = groups.iter().flatten().copied().collect();
-            let sizes = imap.sizes(&wanted_list).await?;
-            let batches = groups
-                .iter()
-                .flat_map(|g| byte_batches(g, &sizes, FETCH_BATCH_BYTES));
-            let mut receiver_gone = false;
-            for batch in batches {
-                for set in uid_sets(&batch) {
-                    let mut stream = imap.fetch(&set, FETCH_ITEMS).await?;
-                    loop {
-                        // No timeout around a whole item: the socket's idle
-                        // timeout bounds silence, and a big message may
-                        // take long on a slow link.
-                        let item = stream.next().await;
-                        let f = match item {
-                            None => break,
-                            Some(r) => r.with_context(|| format!("UID FETCH from {peer}"))?,
-                        };
-                        // Unsolicited FETCHes (another client's flag change)
-                        // carry no body; they are not ours.
-                        let Some(len) = f
-                            .body()
-                            .map(<[u8]>::len)
-                            .filter(|_| f.uid.is_some_and(|u| wanted.contains(&u)))
-                        else {
-                            continue;
-                        };
-                        if receiver_gone {
-                            continue;
+    let fetch_side =
+        {
+            let imap = &mut *imap;
+            let wanted = &wanted;
+            async move {
+                // Batches of about FETCH_BATCH_BYTES: when delivery stops early
+                // (the local server is down, a signal), only the rest of the
+                // current batch is still downloaded, not the whole mailbox.
+                let sizes = imap.sizes(wanted).await?;
+                let batches: Vec<Vec<u32>> = groups
+                    .iter()
+                    .flat_map(|g| byte_batches(g, &sizes, FETCH_BATCH_BYTES))
+                    .collect();
+                drop(sizes);
+                let mut receiver_gone = false;
+                for batch in batches {
+                    for set in uid_sets(&batch) {
+                        let mut stream = imap.fetch(&set, FETCH_ITEMS).await?;
+                        loop {
+                            // No timeout around a whole item: the socket's idle
+                            // timeout bounds silence, and a big message may
+                            // take long on a slow link.
+                            let item = stream.next().await;
+                            let f = match item {
+                                None => break,
+                                Some(r) => r.with_context(|| format!("UID FETCH from {peer}"))?,
+                            };
+                            // Unsolicited FETCHes (another client's flag change)
+                            // carry no body; they are not ours.
+                            let Some(len) = f.body().map(<[u8]>::len).filter(|_| {
+                                f.uid.is_some_and(|u| wanted.binary_search(&u).is_ok())
+                            }) else {
+                                continue;
+                            };
+                            if receiver_gone {
+                                continue;
+                            }
+                            let share = len.clamp(1, IN_FLIGHT_BYTES) as u32;
+                            let permit = budget
+                                .clone()
+                                .acquire_many_owned(share)
+                                .await
+                                .expect("the semaphore is never closed");
+                            if tx.send((f, permit)).await.is_err() {
+                                // Delivery stopped; drain the rest of the
+                                // response so the connection stays usable.
+                                receiver_gone = true;
+                            }
                         }
-                        let share = len.clamp(1, IN_FLIGHT_BYTES) as u32;
-                        let permit = budget
-                            .clone()
-                            .acquire_many_owned(share)
-                            .await
-                            .expect("the semaphore is never closed");
-                        if tx.send((f, permit)).await.is_err() {
-                            // Delivery stopped; drain the rest of the
-                            // response so the connection stays usable.
-                            receiver_gone = true;
+                        if receiver_gone {
+                            break;
                         }
                     }
                     if receiver_gone {
                         break;
                     }
                 }
-                if receiver_gone {
-                    break;
-                }
+                drop(tx);
+                // A stream that ended because the connection dropped looks like
+                // a normal end: ask the server something to tell them apart.
+                imap.noop().await?;
+                Ok::<_, anyhow::Error>(())
             }
-            drop(tx);
-            // A stream that ended because the connection dropped looks like
-            // a normal end: ask the server something to tell them apart.
-            imap.noop().await?;
-            Ok::<_, anyhow::Error>(())
-        }
-    };
+        };
 
     let deliver_side = async {
         let queue = tokio::sync::Mutex::new(Queue {
@@ -358,7 +364,8 @@ async fn fetch_and_deliver(
         // Everything recorded is on disk before flags are stored or the
         // watermark moves.
         let synced = last.await;
-        let t = tally.into_inner().unwrap_or_else(|p| p.into_inner());
+        let mut t = tally.into_inner().unwrap_or_else(|p| p.into_inner());
+        t.attempted.sort_unstable();
         report.delivered += t.delivered;
         report.rejected += t.rejected;
         report.deferred += t.deferred;
@@ -422,7 +429,7 @@ async fn session_worker(
         let outcome =
             deliver_one(ctx, deliverer, mailbox, uv, uid, &f, body, already, turn).await?;
         let mut t = tally_of(tally);
-        t.attempted.insert(uid);
+        t.attempted.push(uid);
         match outcome {
             Outcome::Delivered => {
                 t.delivered += 1;
