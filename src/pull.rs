@@ -425,9 +425,16 @@ async fn session_worker(
         let uid = f.uid.expect("checked by the fetch side");
         let body = f.body().expect("checked by the fetch side");
         // On an error the turn is dropped: the next message's barrier
-        // fails and it is not completed either.
+        // fails and it is not completed either; the other sessions take
+        // no new message.
         let outcome =
-            deliver_one(ctx, deliverer, mailbox, uv, uid, &f, body, already, turn).await?;
+            match deliver_one(ctx, deliverer, mailbox, uv, uid, &f, body, already, turn).await {
+                Ok(o) => o,
+                Err(e) => {
+                    tally_of(tally).stopped = true;
+                    return Err(e);
+                }
+            };
         let mut t = tally_of(tally);
         t.attempted.push(uid);
         match outcome {
