@@ -235,12 +235,12 @@ pub const FETCH_BATCH_BYTES: u64 = 16 << 20;
 
 /// A fetched message and its share of [`IN_FLIGHT_BYTES`], released when
 /// its delivery is over.
-type Fetched1 = (Fetch, tokio::sync::OwnedSemaphorePermit);
+type InFlight = (Fetch, tokio::sync::OwnedSemaphorePermit);
 
 /// What the delivery sessions take messages from, in UID order, and the
 /// order in which they may complete.
 struct Queue {
-    rx: tokio::sync::mpsc::Receiver<Fetched1>,
+    rx: tokio::sync::mpsc::Receiver<InFlight>,
     /// Passed when the message taken last has its outcome recorded and
     /// fsynced: the next message's final "." waits for it. So however many
     /// sessions there are, at most one message at a time is between the
@@ -278,7 +278,7 @@ async fn fetch_and_deliver(
     let mut wanted: Vec<u32> = groups.iter().flatten().copied().collect();
     wanted.sort_unstable();
     wanted.dedup();
-    let (tx, rx) = tokio::sync::mpsc::channel::<Fetched1>(sessions.0.len() + PIPELINE_DEPTH);
+    let (tx, rx) = tokio::sync::mpsc::channel::<InFlight>(sessions.0.len() + PIPELINE_DEPTH);
     let budget = std::sync::Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT_BYTES));
     let peer = imap.peer.clone();
 
@@ -290,14 +290,20 @@ async fn fetch_and_deliver(
                 // Batches of about FETCH_BATCH_BYTES: when delivery stops early
                 // (the local server is down, a signal), only the rest of the
                 // current batch is still downloaded, not the whole mailbox.
-                let sizes = imap.sizes(wanted).await?;
+                // One message is one batch whatever its size: no need to
+                // ask (the daemon's usual case, a round trip saved).
+                let sizes = if wanted.len() > 1 {
+                    imap.sizes(wanted).await?
+                } else {
+                    HashMap::new()
+                };
                 let batches: Vec<Vec<u32>> = groups
                     .iter()
                     .flat_map(|g| byte_batches(g, &sizes, FETCH_BATCH_BYTES))
                     .collect();
                 drop(sizes);
                 let mut receiver_gone = false;
-                for batch in batches {
+                'batches: for batch in batches {
                     for set in uid_sets(&batch) {
                         let mut stream = imap.fetch(&set, FETCH_ITEMS).await?;
                         loop {
@@ -332,11 +338,8 @@ async fn fetch_and_deliver(
                             }
                         }
                         if receiver_gone {
-                            break;
+                            break 'batches;
                         }
-                    }
-                    if receiver_gone {
-                        break;
                     }
                 }
                 drop(tx);
