@@ -26,6 +26,12 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
 /// Delivery sessions per pass, unless `delivery_sessions` says otherwise.
 const DEFAULT_DELIVERY_SESSIONS: u32 = 1;
 
+/// The largest message imapull fetches into memory, by default. Microsoft
+/// 365 allows messages of up to 150 MB, the most of the large providers;
+/// anything bigger is not mail a person sent, and holding it would cost a
+/// small server its memory. A bigger message is quarantined, not fetched.
+const DEFAULT_MAX_MESSAGE_SIZE: u64 = 150 << 20;
+
 /// How many accounts one run works on at once, by default. Each holds one
 /// IMAP and one delivery connection; eight makes twenty small mailboxes
 /// take about as long as three, without flooding the local server.
@@ -63,6 +69,7 @@ pub struct RawAccount {
     pub password_file: Option<PathBuf>,
     pub password_command: Option<Vec<String>>,
     pub compress: Option<bool>,
+    pub max_message_size: Option<ByteSize>,
     pub mailboxes: Option<Vec<RawMailbox>>,
     pub deliver: Option<String>,
     pub ehlo: Option<String>,
@@ -140,6 +147,48 @@ impl<'de> Deserialize<'de> for HumanDuration {
         humantime::parse_duration(s.trim())
             .map(HumanDuration)
             .map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))
+    }
+}
+
+/// A size in bytes: a number, or a string with a unit ("500K", "150M",
+/// "2G"; powers of 1024).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    fn parse(s: &str) -> Option<u64> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (digits, unit) = s.split_at(split);
+        let n: u64 = digits.parse().ok()?;
+        let shift = match unit.trim().to_ascii_uppercase().as_str() {
+            "" | "B" => 0,
+            "K" | "KB" | "KIB" => 10,
+            "M" | "MB" | "MIB" => 20,
+            "G" | "GB" | "GIB" => 30,
+            _ => return None,
+        };
+        n.checked_mul(1u64 << shift)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        let bad = |s: &str| {
+            serde::de::Error::custom(format!(
+                "invalid size {s:?} (use a number of bytes, or \"500K\", \"150M\", \"2G\")"
+            ))
+        };
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(ByteSize(n)),
+            Raw::S(s) => ByteSize::parse(&s).map(ByteSize).ok_or_else(|| bad(&s)),
+        }
     }
 }
 
@@ -265,6 +314,8 @@ pub struct Account {
     pub username: String,
     pub password: PasswordSource,
     pub compress: bool,
+    /// Messages larger than this are quarantined unfetched (bytes).
+    pub max_message_size: u64,
     pub mailboxes: Vec<MailboxConfig>,
     pub deliver: Deliver,
     pub ehlo: String,
@@ -399,6 +450,7 @@ fn merge(d: &RawAccount, a: RawAccount) -> RawAccount {
         password_file,
         password_command,
         compress,
+        max_message_size,
         mailboxes,
         deliver,
         ehlo,
@@ -698,6 +750,10 @@ fn common(
             return Err(here(key, "must be longer than 0".into()));
         }
     }
+    let max_message_size = a.max_message_size.map_or(DEFAULT_MAX_MESSAGE_SIZE, |s| s.0);
+    if max_message_size < 1024 {
+        return Err(here("max_message_size", "must be at least 1K".into()));
+    }
     let max_deferrals = a.max_deferrals.unwrap_or(5);
     if max_deferrals == 0 {
         return Err(here("max_deferrals", "must be at least 1".into()));
@@ -717,6 +773,7 @@ fn common(
         username,
         password,
         compress: a.compress.unwrap_or(true),
+        max_message_size,
         mailboxes,
         deliver,
         ehlo,

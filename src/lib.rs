@@ -13,6 +13,7 @@
 //! an exit code; everything else lives here, where the tests reach it.
 
 pub mod config;
+pub mod credentials;
 pub mod daemon;
 pub mod deliver;
 pub mod imap;
@@ -277,7 +278,7 @@ pub(crate) async fn work_mailbox(
         let outcome = pull::pass(ctx, imap, sessions, &mb.name, &mut work.report)
             .instrument(span.clone())
             .await;
-        span.in_scope(|| log_summary(&work.report, started));
+        span.in_scope(|| log_summary(&work.report, outcome.is_err(), started));
         outcome
     } else {
         Ok(())
@@ -311,9 +312,21 @@ pub(crate) async fn work_mailbox(
     work
 }
 
-fn log_summary(r: &PassReport, started: std::time::Instant) {
+/// One line per pass. A pass that failed never says "nothing new": what
+/// it did before the error is counted, and the error follows.
+fn log_summary(r: &PassReport, failed: bool, started: std::time::Instant) {
     let secs = started.elapsed().as_secs_f64();
-    if r.delivered + r.deferred + r.rejected + r.skipped + r.vanished == 0 {
+    if failed {
+        tracing::info!(
+            delivered = r.delivered,
+            deferred = r.deferred,
+            rejected = r.rejected,
+            skipped = r.skipped,
+            vanished = r.vanished,
+            elapsed = format!("{secs:.2}s"),
+            "pass stopped by an error"
+        );
+    } else if r.delivered + r.deferred + r.rejected + r.skipped + r.vanished == 0 {
         tracing::info!(elapsed = format!("{secs:.2}s"), "pass done: nothing new");
     } else {
         tracing::info!(

@@ -83,9 +83,6 @@ fn init_logging(verbose: u8, quiet: bool) {
         _ => "trace",
     };
     let filter = EnvFilter::try_from_env("IMAPULL_LOG").unwrap_or_else(|_| EnvFilter::new(level));
-    // async-imap logs every command verbatim at trace level, LOGIN with its
-    // password included: it is capped whatever the user asked for.
-    let filter = filter.add_directive("async_imap=info".parse().expect("static directive"));
     // Under systemd the journal adds its own timestamps.
     let under_journal = std::env::var_os("JOURNAL_STREAM").is_some();
     use std::io::IsTerminal as _;

@@ -1,9 +1,10 @@
 //! The byte streams imapull speaks over: TCP, unix sockets, TLS over TCP,
-//! and (through async-imap) DEFLATE over any of them. One boxed trait object
+//! and DEFLATE over any of them. One boxed trait object
 //! keeps the IMAP session and the delivery session each a single type.
 
 use std::fmt::Debug;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -200,100 +201,5 @@ mod tests {
         // Now nothing comes.
         let e = a.read(&mut buf).await.unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
-    }
-}
-
-/// Turns a PREAUTH greeting into the session async-imap can only reach by
-/// logging in: while armed, the next command line written (the LOGIN
-/// imapull sends with placeholder credentials) is not forwarded, and a
-/// tagged OK for it is read back instead. Used only on tunnels, after the
-/// server itself said PREAUTH; nothing is sent to the server.
-#[derive(Debug)]
-pub struct PreauthShim<T> {
-    inner: T,
-    armed: Arc<std::sync::atomic::AtomicBool>,
-    swallowed: Vec<u8>,
-    inject: Vec<u8>,
-    injected: usize,
-}
-
-use std::sync::Arc;
-
-impl<T> PreauthShim<T> {
-    pub fn new(inner: T) -> (PreauthShim<T>, Arc<std::sync::atomic::AtomicBool>) {
-        let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        (
-            PreauthShim {
-                inner,
-                armed: armed.clone(),
-                swallowed: Vec::new(),
-                inject: Vec::new(),
-                injected: 0,
-            },
-            armed,
-        )
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for PreauthShim<T> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let this = &mut *self;
-        if this.injected < this.inject.len() {
-            let n = buf.remaining().min(this.inject.len() - this.injected);
-            buf.put_slice(&this.inject[this.injected..this.injected + n]);
-            this.injected += n;
-            return std::task::Poll::Ready(Ok(()));
-        }
-        std::pin::Pin::new(&mut this.inner).poll_read(cx, buf)
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for PreauthShim<T> {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        let this = &mut *self;
-        if this.armed.load(std::sync::atomic::Ordering::SeqCst) {
-            // Take bytes up to the end of the command line, no further.
-            let end = buf
-                .iter()
-                .position(|&b| b == b'\n')
-                .map_or(buf.len(), |i| i + 1);
-            this.swallowed.extend_from_slice(&buf[..end]);
-            if this.swallowed.ends_with(b"\n") {
-                let tag: Vec<u8> = this
-                    .swallowed
-                    .iter()
-                    .copied()
-                    .take_while(|b| *b != b' ')
-                    .collect();
-                this.inject = [&tag[..], b" OK PREAUTH session\r\n"].concat();
-                this.injected = 0;
-                this.swallowed.clear();
-                this.armed.store(false, std::sync::atomic::Ordering::SeqCst);
-            }
-            return std::task::Poll::Ready(Ok(end));
-        }
-        std::pin::Pin::new(&mut this.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

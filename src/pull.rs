@@ -15,13 +15,12 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 use anyhow::{anyhow, Context as _, Result};
-use async_imap::types::Fetch;
-use futures_util::{FutureExt as _, StreamExt as _};
+use futures_util::FutureExt as _;
 
 use crate::config::{Account, Initial, SenderPolicy};
 use crate::deliver::client::{no_barrier, Barrier};
 use crate::deliver::{headers, Deliverer, Envelope, Outcome, Sessions};
-use crate::imap::{byte_batches, uid_sets, Imap, FETCH_ITEMS};
+use crate::imap::{byte_batches, uid_sets, Fetch, Imap, FETCH_ITEMS};
 use crate::ledger::{Attempt, LedgerHandle, MailboxState, MessageKey, OldRow, State};
 
 /// Messages fetched and waiting for a delivery session, besides one per
@@ -282,73 +281,91 @@ async fn fetch_and_deliver(
     let budget = std::sync::Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT_BYTES));
     let peer = imap.peer.clone();
 
-    let fetch_side =
-        {
-            let imap = &mut *imap;
-            let wanted = &wanted;
-            async move {
-                // Batches of about FETCH_BATCH_BYTES: when delivery stops early
-                // (the local server is down, a signal), only the rest of the
-                // current batch is still downloaded, not the whole mailbox.
-                // One message is one batch whatever its size: no need to
-                // ask (the daemon's usual case, a round trip saved).
-                let sizes = if wanted.len() > 1 {
-                    imap.sizes(wanted).await?
-                } else {
-                    HashMap::new()
-                };
-                let batches: Vec<Vec<u32>> = groups
-                    .iter()
-                    .flat_map(|g| byte_batches(g, &sizes, FETCH_BATCH_BYTES))
-                    .collect();
-                drop(sizes);
-                let mut receiver_gone = false;
-                'batches: for batch in batches {
-                    for set in uid_sets(&batch) {
-                        let mut stream = imap.fetch(&set, FETCH_ITEMS).await?;
-                        loop {
-                            // No timeout around a whole item: the socket's idle
-                            // timeout bounds silence, and a big message may
-                            // take long on a slow link.
-                            let item = stream.next().await;
-                            let f = match item {
-                                None => break,
-                                Some(r) => r.with_context(|| format!("UID FETCH from {peer}"))?,
-                            };
-                            // Unsolicited FETCHes (another client's flag change)
-                            // carry no body; they are not ours.
-                            let Some(len) = f.body().map(<[u8]>::len).filter(|_| {
-                                f.uid.is_some_and(|u| wanted.binary_search(&u).is_ok())
-                            }) else {
-                                continue;
-                            };
-                            if receiver_gone {
-                                continue;
-                            }
-                            let share = len.clamp(1, IN_FLIGHT_BYTES) as u32;
-                            let permit = budget
-                                .clone()
-                                .acquire_many_owned(share)
-                                .await
-                                .expect("the semaphore is never closed");
-                            if tx.send((f, permit)).await.is_err() {
-                                // Delivery stopped; drain the rest of the
-                                // response so the connection stays usable.
-                                receiver_gone = true;
-                            }
-                        }
-                        if receiver_gone {
-                            break 'batches;
-                        }
+    let fetch_side = {
+        let imap = &mut *imap;
+        let wanted = &wanted;
+        async move {
+            // Batches of about FETCH_BATCH_BYTES: when delivery stops early
+            // (the local server is down, a signal), only the rest of the
+            // current batch is still downloaded, not the whole mailbox.
+            // One message is one batch whatever its size: no need to
+            // ask (the daemon's usual case, a round trip saved).
+            let sizes = if wanted.len() > 1 {
+                imap.sizes(wanted).await?
+            } else {
+                HashMap::new()
+            };
+            let max = ctx.account.max_message_size;
+            // Too large by RFC822.SIZE: recorded as rejected, never
+            // fetched. (One without a known size is caught by the
+            // literal's announced size instead.)
+            let too_large: HashMap<u32, u64> = sizes
+                .iter()
+                .filter(|(_, s)| **s > max)
+                .map(|(u, s)| (*u, *s))
+                .collect();
+            let batches: Vec<Vec<u32>> = groups
+                .iter()
+                .flat_map(|g| byte_batches(g, &sizes, FETCH_BATCH_BYTES))
+                .collect();
+            drop(sizes);
+            let hand_over = |f: Fetch, len: usize| {
+                let (tx, budget) = (&tx, &budget);
+                async move {
+                    let share = len.clamp(1, IN_FLIGHT_BYTES) as u32;
+                    let permit = budget
+                        .clone()
+                        .acquire_many_owned(share)
+                        .await
+                        .expect("the semaphore is never closed");
+                    // An error: delivery stopped.
+                    tx.send((f, permit)).await.is_ok()
+                }
+            };
+            'batches: for batch in batches {
+                let (big, batch): (Vec<u32>, Vec<u32>) =
+                    batch.into_iter().partition(|u| too_large.contains_key(u));
+                for uid in big {
+                    if !hand_over(Fetch::too_large(uid, too_large[&uid]), 0).await {
+                        break 'batches;
                     }
                 }
-                drop(tx);
-                // A stream that ended because the connection dropped looks like
-                // a normal end: ask the server something to tell them apart.
-                imap.noop().await?;
-                Ok::<_, anyhow::Error>(())
+                let mut receiver_gone = false;
+                for set in uid_sets(&batch) {
+                    let mut stream = imap.fetch(&set, FETCH_ITEMS).await?;
+                    // No timeout around a whole item: the socket's idle
+                    // timeout bounds silence, and a big message may
+                    // take long on a slow link. The stream ends only
+                    // with the tagged OK; NO, BAD or a drop is an error.
+                    while let Some(f) = stream
+                        .next()
+                        .await
+                        .with_context(|| format!("UID FETCH from {peer}"))?
+                    {
+                        // Unsolicited FETCHes (another client's flag
+                        // change) carry no body; they are not ours.
+                        let ours = f.uid.is_some_and(|u| wanted.binary_search(&u).is_ok());
+                        let len = match (f.body(), f.body_too_large()) {
+                            (Some(b), _) => b.len(),
+                            (None, Some(_)) => 0,
+                            (None, None) => continue,
+                        };
+                        if !ours || receiver_gone {
+                            // Delivery stopped: read the rest of the
+                            // response so the connection stays usable.
+                            continue;
+                        }
+                        receiver_gone = !hand_over(f, len).await;
+                    }
+                    if receiver_gone {
+                        break 'batches;
+                    }
+                }
             }
-        };
+            drop(tx);
+            Ok::<_, anyhow::Error>(())
+        }
+    };
 
     let deliver_side = async {
         let queue = tokio::sync::Mutex::new(Queue {
@@ -426,7 +443,8 @@ async fn session_worker(
             return Ok(());
         }
         let uid = f.uid.expect("checked by the fetch side");
-        let body = f.body().expect("checked by the fetch side");
+        // Empty for a message over max_message_size, which is not sent.
+        let body = f.body().unwrap_or_default();
         // On an error the turn is dropped: the next message's barrier
         // fails and it is not completed either; the other sessions take
         // no new message.
@@ -540,7 +558,17 @@ async fn deliver_one(
     } else {
         Vec::new()
     };
-    let d = if recipients.is_empty() {
+    let d = if let Some(size) = f.body_too_large() {
+        crate::deliver::Delivery {
+            outcome: Outcome::Rejected,
+            reply: format!(
+                "not fetched: the message has {size} bytes, more than max_message_size \
+                 ({} bytes)",
+                a.max_message_size
+            ),
+            accepted: vec![],
+        }
+    } else if recipients.is_empty() {
         // Every recipient already has it (a crash after the last LMTP
         // reply): nothing to send.
         crate::deliver::Delivery {
@@ -578,8 +606,8 @@ async fn deliver_one(
             uid,
         },
         message_id: message_id.clone(),
-        size: body.len() as u64,
-        internaldate: f.internal_date().map(|d| d.to_rfc3339()),
+        size: f.body_too_large().unwrap_or(body.len() as u64),
+        internaldate: f.internal_date_rfc3339(),
         state,
         reply: d.reply.clone(),
         delivered_to,
@@ -689,13 +717,12 @@ async fn first_contact(
             let mut stream = imap
                 .fetch(&set, "(UID RFC822.SIZE BODY.PEEK[HEADER])")
                 .await?;
-            while let Some(f) = stream.next().await {
-                let f = f?;
+            while let Some(f) = stream.next().await? {
                 if let Some(uid) = f.uid.filter(|u| seen.binary_search(u).is_ok()) {
                     rows.push((
                         uid,
                         f.header().and_then(headers::message_id),
-                        f.size.map(u64::from),
+                        f.size,
                     ));
                 }
             }
@@ -746,8 +773,7 @@ async fn resync(
         let mut stream = imap
             .fetch("1:*", "(UID RFC822.SIZE BODY.PEEK[HEADER])")
             .await?;
-        while let Some(f) = stream.next().await {
-            let f = f?;
+        while let Some(f) = stream.next().await? {
             let (Some(uid), Some(size)) = (f.uid, f.size) else {
                 continue;
             };
@@ -756,8 +782,6 @@ async fn resync(
                 remote.entry((mid, size as i64)).or_default().push(uid);
             }
         }
-        drop(stream);
-        imap.noop().await?;
     }
     let old = {
         let (a, m) = (a.clone(), m.clone());

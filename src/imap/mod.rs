@@ -1,30 +1,37 @@
-//! The IMAP side: connecting (TLS, STARTTLS, pinning), logging in, and the
-//! few commands a pass needs, each bounded by a timeout.
+//! The IMAP side: the commands a pass uses, each with its outcome.
 //!
-//! Built on async-imap. Its traps, and how they are handled here:
-//! a tagged NO or BAD to `UID FETCH` ends the stream without an error, and a
-//! dropped connection can end it normally too, so the caller checks that
-//! every requested UID came back ([`crate::pull`]); its trace log prints
-//! commands verbatim, LOGIN included, so `main` never enables it.
+//! The client is imapull's own (see docs/design.md, "The IMAP client"):
+//! [`response`] reads server bytes with no I/O, [`conn`] runs one command
+//! to its tagged completion, [`connect`] reaches a logged-in session, and
+//! this module holds the commands. Every one of them returns an error for a
+//! NO, a BAD, a BYE, a dropped connection or a timeout; an empty result is
+//! only what a tagged OK with no data says. Responses nobody asked for are
+//! ignored wherever they come, and UIDs, never sequence numbers, tie a
+//! FETCH to a message, so an EXPUNGE in the middle mislabels nothing.
 
+pub mod compress;
+pub mod conn;
+pub mod connect;
+pub mod response;
 pub mod utf7;
+
+#[cfg(test)]
+mod transcripts;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context as _, Result};
-use async_imap::imap_proto::{Response, Status};
-use async_imap::types::Fetch;
-use futures_util::{Stream, StreamExt as _};
-use tokio::net::TcpStream;
+use anyhow::{bail, Context as _, Result};
 
-use crate::config::{Account, Connect, PasswordSource, Proxy, TlsMode};
-use crate::net::{timed, BoxIo, IdleTimeout, PreauthShim, WireStats};
-use crate::secret::Secret;
-use crate::tunnel::{self, TunnelInfo};
-
-pub type Session = async_imap::Session<BoxIo>;
+pub use self::conn::ImapError;
+use self::conn::{quoted, Conn, Part, Step};
+pub use self::connect::{spki_sha256, ConnectError};
+pub use self::response::Fetch;
+use self::response::{Code, Data};
+use crate::config::Account;
+use crate::net::WireStats;
+use crate::tunnel::TunnelInfo;
 
 /// The attributes fetched for delivery. BODY.PEEK leaves `\Seen` alone: the
 /// flag is stored only after the ledger has the delivery.
@@ -33,27 +40,21 @@ pub const FETCH_ITEMS: &str = "(UID RFC822.SIZE INTERNALDATE FLAGS BODY.PEEK[])"
 /// A command line stays well under the 8 KB many servers accept.
 const MAX_SET_LEN: usize = 4000;
 
-/// Why an account could not be used at all; `main` maps these to exit codes.
-#[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
-    /// Network, TLS, greeting: the server cannot be used now (EX_UNAVAILABLE).
-    #[error("{0:#}")]
-    Unavailable(anyhow::Error),
-    /// The server refused our credentials, or they could not be read
-    /// (EX_NOPERM).
-    #[error("{0:#}")]
-    Auth(anyhow::Error),
-}
+/// How long LOGOUT may take: the session is over either way, and a
+/// server that must wake a hibernated process to answer should not hold
+/// up a stop.
+const LOGOUT_WAIT: Duration = Duration::from_secs(5);
 
 /// A logged-in IMAP connection.
 pub struct Imap {
-    pub session: Session,
-    pub caps: HashSet<String>,
+    conn: Conn,
+    caps: HashSet<String>,
     pub peer: String,
-    pub timeout: Duration,
-    pub tunnel: Option<TunnelInfo>,
+    tunnel: Option<TunnelInfo>,
     /// The socket's silence limit (lengthened while idling) and byte counts.
     wire: WireStats,
+    normal_limit: u64,
+    compressed: bool,
 }
 
 /// How an IDLE ended.
@@ -68,7 +69,7 @@ pub enum IdleEnd {
 }
 
 /// What SELECT tells a pass.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Selected {
     pub uidvalidity: u32,
     pub uidnext: u32,
@@ -77,179 +78,7 @@ pub struct Selected {
 
 impl Imap {
     pub async fn connect(account: &Account) -> Result<Imap, ConnectError> {
-        let limit = account.imap_timeout;
-        let unavailable = |e: anyhow::Error| ConnectError::Unavailable(e);
-
-        let (mut client, peer, tunnel, wire) = match &account.connect {
-            Connect::Tunnel { command, stderr } => {
-                let peer = format!("tunnel {}", account.host);
-                let (io, info) = tunnel::spawn(command, *stderr).map_err(unavailable)?;
-                let io = IdleTimeout::new(io, limit);
-                let wire = io.stats();
-                let (shim, armed) = PreauthShim::new(io);
-                let mut c = async_imap::Client::new(Box::new(shim) as BoxIo);
-                let greeting = read_greeting(&mut c, &peer, limit, true)
-                    .await
-                    .map_err(|e| unavailable(with_exit_report(e, &info)))?;
-                if greeting == Greeting::Preauth {
-                    // Already authenticated by the tunnel (ssh). async-imap
-                    // reaches a session only through a login: the shim
-                    // answers this one itself; nothing goes to the server.
-                    armed.store(true, std::sync::atomic::Ordering::SeqCst);
-                    let session = timed(&peer, limit, async {
-                        c.login("preauth", "preauth").await.map_err(|(e, _)| e)
-                    })
-                    .await
-                    .map_err(unavailable)?;
-                    return Imap::ready(account, session, peer, Some(info), wire).await;
-                }
-                (c, peer, Some(info), wire)
-            }
-            Connect::Tcp { proxy } => {
-                let peer = format!("{}:{}", account.host, account.port);
-                let tcp = connect_tcp(account, proxy.as_ref(), &peer)
-                    .await
-                    .map_err(unavailable)?;
-                // Every read and write below is bounded by silence, not by size.
-                let tcp = IdleTimeout::new(tcp, limit);
-                let wire = tcp.stats();
-                let c = match account.tls {
-                    TlsMode::Implicit => {
-                        let tls = tls_wrap(account, Box::new(tcp))
-                            .await
-                            .map_err(unavailable)?;
-                        let mut c = async_imap::Client::new(tls);
-                        read_greeting(&mut c, &peer, limit, false)
-                            .await
-                            .map_err(unavailable)?;
-                        c
-                    }
-                    TlsMode::None => {
-                        let mut c = async_imap::Client::new(Box::new(tcp) as BoxIo);
-                        read_greeting(&mut c, &peer, limit, false)
-                            .await
-                            .map_err(unavailable)?;
-                        c
-                    }
-                    TlsMode::Starttls => {
-                        let mut c = async_imap::Client::new(Box::new(tcp) as BoxIo);
-                        read_greeting(&mut c, &peer, limit, false)
-                            .await
-                            .map_err(unavailable)?;
-                        let caps = client_capabilities(&mut c, &peer, limit)
-                            .await
-                            .map_err(unavailable)?;
-                        if !caps.contains("STARTTLS") {
-                            return Err(unavailable(anyhow!(
-                                "{peer} does not offer STARTTLS; refusing to log in without TLS \
-                                 (tls = \"starttls\" in the config)"
-                            )));
-                        }
-                        timed(&peer, limit, c.run_command_and_check_ok("STARTTLS", None))
-                            .await
-                            .context("STARTTLS")
-                            .map_err(unavailable)?;
-                        // into_inner drops anything buffered before the
-                        // handshake, so plaintext injected after STARTTLS is
-                        // never read.
-                        let tls = tls_wrap(account, c.into_inner())
-                            .await
-                            .map_err(unavailable)?;
-                        async_imap::Client::new(tls)
-                    }
-                };
-                (c, peer, None, wire)
-            }
-        };
-        let caps = client_capabilities(&mut client, &peer, limit)
-            .await
-            .map_err(unavailable)?;
-        if caps.contains("LOGINDISABLED") && !caps.contains("AUTH=PLAIN") {
-            return Err(ConnectError::Auth(anyhow!(
-                "{peer} refuses to log in (LOGINDISABLED) on this connection"
-            )));
-        }
-        if matches!(account.password, PasswordSource::None) {
-            return Err(ConnectError::Auth(anyhow!(
-                "{peer} asks for a login, and the account has no password \
-                 (a tunnel without PREAUTH needs `username` and a password)"
-            )));
-        }
-        let password = read_password(&account.password).map_err(ConnectError::Auth)?;
-        let login = if caps.contains("AUTH=PLAIN") {
-            let auth = PlainAuth {
-                user: account.username.clone(),
-                password: password.clone(),
-            };
-            // SASL-IR (RFC 4959): the credentials go with the command, one
-            // round trip less. The server then answers with the tagged OK
-            // at once, and the authenticator is never asked.
-            let mechanism = if caps.contains("SASL-IR") {
-                use base64::Engine as _;
-                let ir = base64::engine::general_purpose::STANDARD.encode(auth.response());
-                format!("PLAIN {ir}")
-            } else {
-                "PLAIN".to_string()
-            };
-            timed(&peer, limit, async {
-                client
-                    .authenticate(mechanism, auth)
-                    .await
-                    .map_err(|(e, _)| e)
-            })
-            .await
-        } else {
-            timed(&peer, limit, async {
-                client
-                    .login(&account.username, password.expose())
-                    .await
-                    .map_err(|(e, _)| e)
-            })
-            .await
-        };
-        let session = login
-            .with_context(|| format!("logging in to {peer} as {}", account.username))
-            .map_err(|e| match e.downcast_ref::<async_imap::error::Error>() {
-                Some(async_imap::error::Error::No(_)) | Some(async_imap::error::Error::Bad(_)) => {
-                    ConnectError::Auth(e)
-                }
-                _ => ConnectError::Unavailable(e),
-            })?;
-        Imap::ready(account, session, peer, tunnel, wire).await
-    }
-
-    /// After authentication: capabilities, COMPRESS.
-    async fn ready(
-        account: &Account,
-        mut session: Session,
-        peer: String,
-        tunnel: Option<TunnelInfo>,
-        wire: WireStats,
-    ) -> Result<Imap, ConnectError> {
-        let limit = account.imap_timeout;
-        let unavailable = |e: anyhow::Error| ConnectError::Unavailable(e);
-        // Capabilities may grow after login (Dovecot adds the extensions).
-        let mut caps = cap_set(
-            &timed(&peer, limit, session.capabilities())
-                .await
-                .map_err(unavailable)?,
-        );
-        if account.compress && caps.contains("COMPRESS=DEFLATE") {
-            session = timed(&peer, limit, session.compress(|s| Box::new(s) as BoxIo))
-                .await
-                .context("COMPRESS DEFLATE")
-                .map_err(unavailable)?;
-            caps.insert("X-IMAPULL-COMPRESSED".into());
-            tracing::debug!(peer, "COMPRESS=DEFLATE active");
-        }
-        Ok(Imap {
-            session,
-            caps,
-            peer,
-            timeout: limit,
-            tunnel,
-            wire,
-        })
+        connect::connect(account).await
     }
 
     /// Why the tunnel command ended, if this is a tunnel and it has.
@@ -257,82 +86,113 @@ impl Imap {
         self.tunnel.as_ref().and_then(TunnelInfo::exit_report)
     }
 
-    /// IDLE (RFC 2177) for at most `wait`, or until `wake` is notified.
-    /// Consumes the connection and gives it back after DONE. A connection
-    /// that dies while idling is an error, not a wake-up: async-imap reports
-    /// EOF like our own interrupt, so which one it was is tracked here.
-    pub async fn idle(self, wait: Duration, wake: &tokio::sync::Notify) -> Result<(Imap, IdleEnd)> {
-        let Imap {
-            session,
-            caps,
-            peer,
-            timeout,
-            tunnel,
-            wire,
-        } = self;
-        // While idling the server may be silent up to its keepalive
-        // interval: let the socket wait as long as the IDLE itself.
-        let normal = wire.limit_ms.load(Ordering::Relaxed);
-        wire.limit_ms.store(
-            (wait + Duration::from_secs(60)).as_millis() as u64,
-            Ordering::Relaxed,
-        );
-        let mut handle = session.idle();
-        timed(&peer, timeout, handle.init())
-            .await
-            .with_context(|| format!("IDLE on {peer}"))?;
-        let mut woken = false;
-        let response = {
-            let (fut, interrupt) = handle.wait_with_timeout(wait);
-            let mut fut = std::pin::pin!(fut);
-            tokio::select! {
-                r = &mut fut => r,
-                _ = wake.notified() => {
-                    woken = true;
-                    drop(interrupt);
-                    fut.await
-                }
-            }
-        }
-        .with_context(|| format!("IDLE on {peer}"))?;
-        wire.limit_ms.store(normal, Ordering::Relaxed);
-        let end = match response {
-            async_imap::extensions::idle::IdleResponse::NewData(_) => IdleEnd::NewData,
-            async_imap::extensions::idle::IdleResponse::Timeout => IdleEnd::Timeout,
-            async_imap::extensions::idle::IdleResponse::ManualInterrupt if woken => IdleEnd::Woken,
-            async_imap::extensions::idle::IdleResponse::ManualInterrupt => {
-                bail!("{peer} closed the connection during IDLE")
-            }
-        };
-        let session = timed(&peer, timeout, handle.done())
-            .await
-            .with_context(|| format!("DONE on {peer}"))?;
-        Ok((
-            Imap {
-                session,
-                caps,
-                peer,
-                timeout,
-                tunnel,
-                wire,
-            },
-            end,
-        ))
-    }
-
     pub fn has(&self, cap: &str) -> bool {
         self.caps.contains(cap)
     }
 
+    /// COMPRESS=DEFLATE is active on this connection.
+    pub fn compressed(&self) -> bool {
+        self.compressed
+    }
+
+    /// Runs a command whose untagged data is not needed.
+    async fn simple(&mut self, what: &str, parts: &[Part<'_>]) -> Result<(), ImapError> {
+        self.conn.run(what, parts, |_| Ok(())).await.map(drop)
+    }
+
+    /// IDLE (RFC 2177) for at most `wait`, or until `wake` is notified.
+    /// Consumes the connection and gives it back after DONE. A connection
+    /// that closes while idling is an error, never a wake-up.
+    pub async fn idle(
+        mut self,
+        wait: Duration,
+        wake: &tokio::sync::Notify,
+    ) -> Result<(Imap, IdleEnd)> {
+        let peer = self.peer.clone();
+        // While idling the server may be silent up to its keepalive
+        // interval: let the socket wait as long as the IDLE itself.
+        self.wire.limit_ms.store(
+            (wait + Duration::from_secs(60)).as_millis() as u64,
+            Ordering::Relaxed,
+        );
+        self.conn.shrink();
+        let r = self.idle_inner(wait, wake).await;
+        self.wire
+            .limit_ms
+            .store(self.normal_limit, Ordering::Relaxed);
+        let end = r.with_context(|| format!("IDLE on {peer}"))?;
+        Ok((self, end))
+    }
+
+    async fn idle_inner(&mut self, wait: Duration, wake: &tokio::sync::Notify) -> Result<IdleEnd> {
+        let what = "IDLE";
+        let mut news = false;
+        let mut note = |d: Data| {
+            news |= matters_while_idle(&d);
+            Ok(())
+        };
+        let tag = self
+            .conn
+            .send(what, &[Part::Text("IDLE")], &mut note)
+            .await?;
+        self.conn.wait_continue(what, &tag, &mut note).await?;
+        let end = if news {
+            IdleEnd::NewData
+        } else {
+            let deadline = tokio::time::sleep(wait);
+            let mut deadline = std::pin::pin!(deadline);
+            loop {
+                tokio::select! {
+                    step = self.conn.step(what, &tag) => match step? {
+                        Step::Data(d) if matters_while_idle(&d) => break IdleEnd::NewData,
+                        Step::Data(_) => {}
+                        Step::Continue(_) => {}
+                        // The server ended the IDLE by itself with OK.
+                        Step::Done(_) => return Ok(IdleEnd::NewData),
+                    },
+                    _ = &mut deadline => break IdleEnd::Timeout,
+                    _ = wake.notified() => break IdleEnd::Woken,
+                }
+            }
+        };
+        self.conn.write(b"DONE\r\n").await?;
+        self.conn.finish(what, &tag, |_| Ok(())).await?;
+        Ok(end)
+    }
+
     pub async fn select(&mut self, mailbox: &str) -> Result<Selected> {
         let name = utf7::encode(mailbox);
-        let mb = timed(&self.peer, self.timeout, self.session.select(&name))
+        let q = quoted(&name);
+        let arg = match &q {
+            Some(q) => Part::Text(q),
+            None => Part::Literal(name.as_bytes()),
+        };
+        let (mut exists, mut uidvalidity, mut uidnext) = (None, None, None);
+        self.conn
+            .run("SELECT", &[Part::Text("SELECT "), arg], |d| {
+                match d {
+                    Data::Exists(n) => exists = Some(n),
+                    Data::Status {
+                        code: Some(Code::UidValidity(v)),
+                        ..
+                    } => uidvalidity = Some(v),
+                    Data::Status {
+                        code: Some(Code::UidNext(n)),
+                        ..
+                    } => uidnext = Some(n),
+                    _ => {}
+                }
+                Ok(())
+            })
             .await
             .with_context(|| format!("selecting mailbox {mailbox:?} on {}", self.peer))?;
-        let uidvalidity = mb
-            .uid_validity
-            .ok_or_else(|| anyhow!("{} sent no UIDVALIDITY for {mailbox:?}", self.peer))?;
-        let uidnext = match mb.uid_next {
+        let Some(uidvalidity) = uidvalidity else {
+            bail!("{} sent no UIDVALIDITY for {mailbox:?}", self.peer);
+        };
+        let Some(exists) = exists else {
+            bail!("{} sent no EXISTS for {mailbox:?}", self.peer);
+        };
+        let uidnext = match uidnext {
             Some(n) => n,
             // RFC 3501 lets a server omit UIDNEXT; the highest UID + 1 is the
             // same thing for our purpose.
@@ -341,15 +201,32 @@ impl Imap {
         Ok(Selected {
             uidvalidity,
             uidnext,
-            exists: mb.exists,
+            exists,
         })
     }
 
+    /// `UID SEARCH query`. A NO or BAD, or a SEARCH result that does not
+    /// read, is an error: never an empty set.
     pub async fn search(&mut self, query: &str) -> Result<BTreeSet<u32>> {
-        let r = timed(&self.peer, self.timeout, self.session.uid_search(query))
-            .await
-            .with_context(|| format!("UID SEARCH {query} on {}", self.peer))?;
-        Ok(r.into_iter().collect())
+        let what = format!("UID SEARCH {query}");
+        let mut found = BTreeSet::new();
+        self.conn
+            .run(
+                &what,
+                &[Part::Text("UID SEARCH "), Part::Text(query)],
+                |d| {
+                    match d {
+                        Data::Search(v) => found.extend(v),
+                        Data::Malformed { keyword, why } if keyword == "SEARCH" => {
+                            return Err(why.to_string())
+                        }
+                        _ => {}
+                    }
+                    Ok(())
+                },
+            )
+            .await?;
+        Ok(found)
     }
 
     /// Which of `uids` the selected mailbox still holds (a search, in
@@ -368,35 +245,41 @@ impl Imap {
     /// The sizes (RFC822.SIZE) of those of `uids` that still exist.
     pub async fn sizes(&mut self, uids: &[u32]) -> Result<HashMap<u32, u64>> {
         let mut sizes = HashMap::new();
-        let peer = self.peer.clone();
         for set in uid_sets(uids) {
             let mut stream = self.fetch(&set, "(UID RFC822.SIZE)").await?;
-            while let Some(f) = stream.next().await {
-                let f = f.with_context(|| format!("UID FETCH (RFC822.SIZE) on {peer}"))?;
+            while let Some(f) = stream.next().await? {
                 if let (Some(uid), Some(size)) = (f.uid, f.size) {
-                    sizes.insert(uid, u64::from(size));
+                    sizes.insert(uid, size);
                 }
             }
         }
         Ok(sizes)
     }
 
-    /// Starts `UID FETCH set items`. The stream's reads are bounded by the
-    /// connection's idle timeout, so a large message may take as long as it
-    /// needs while bytes keep arriving.
-    pub async fn fetch(
-        &mut self,
-        set: &str,
-        items: &str,
-    ) -> Result<impl Stream<Item = async_imap::error::Result<Fetch>> + '_ + Send + Unpin> {
-        let peer = self.peer.clone();
-        timed(
-            &peer,
-            self.timeout,
-            self.session.uid_fetch(set.to_string(), items.to_string()),
-        )
-        .await
-        .with_context(|| format!("UID FETCH on {peer}"))
+    /// Starts `UID FETCH set items`; the responses are read as the caller
+    /// takes them, so a large message is in memory once, and only while
+    /// it is the one being read.
+    pub async fn fetch(&mut self, set: &str, items: &str) -> Result<FetchStream<'_>> {
+        let what = format!("UID FETCH {set} {items}");
+        let mut ignore = |_| Ok(());
+        let tag = self
+            .conn
+            .send(
+                &what,
+                &[
+                    Part::Text("UID FETCH "),
+                    Part::Text(set),
+                    Part::Text(" "),
+                    Part::Text(items),
+                ],
+                &mut ignore,
+            )
+            .await?;
+        Ok(FetchStream {
+            conn: &mut self.conn,
+            tag: Some(tag),
+            what,
+        })
     }
 
     /// Adds `\Seen` to `uids`, in batches.
@@ -405,399 +288,132 @@ impl Imap {
     }
 
     /// `UID STORE` over `uids`, in batches; `what` is e.g.
-    /// `+FLAGS.SILENT (\Deleted)`.
+    /// `+FLAGS.SILENT (\Deleted)`. Unsolicited FETCH (FLAGS) replies, which
+    /// some servers send despite .SILENT, are ignored.
     pub async fn store(&mut self, uids: &[u32], what: &str) -> Result<()> {
         for set in uid_sets(uids) {
-            let peer = self.peer.clone();
-            let limit = self.timeout;
-            timed(&peer, limit, async {
-                drain(self.session.uid_store(&set, what).await?).await
-            })
-            .await
-            .with_context(|| format!("UID STORE {what} on {peer}"))?;
+            let cmd = format!("UID STORE {set} {what}");
+            self.simple(&cmd, &[Part::Text(&cmd)]).await?;
         }
         Ok(())
     }
 
-    /// `UID EXPUNGE` (UIDPLUS) over `uids`. Like FETCH, the reply stream
-    /// ends quietly on NO: the caller checks the result with a search.
+    /// `UID EXPUNGE` (UIDPLUS) over `uids`.
     pub async fn uid_expunge(&mut self, uids: &[u32]) -> Result<()> {
         for set in uid_sets(uids) {
-            let peer = self.peer.clone();
-            let limit = self.timeout;
-            timed(&peer, limit, async {
-                drain(self.session.uid_expunge(&set).await?).await
-            })
-            .await
-            .with_context(|| format!("UID EXPUNGE on {peer}"))?;
+            let cmd = format!("UID EXPUNGE {set}");
+            self.simple(&cmd, &[Part::Text(&cmd)]).await?;
         }
         Ok(())
     }
 
     /// Plain `EXPUNGE`: removes every message flagged `\Deleted`.
     pub async fn expunge_all_deleted(&mut self) -> Result<()> {
-        let peer = self.peer.clone();
-        timed(&peer, self.timeout, async {
-            drain(self.session.expunge().await?).await
-        })
-        .await
-        .with_context(|| format!("EXPUNGE on {peer}"))
+        Ok(self.simple("EXPUNGE", &[Part::Text("EXPUNGE")]).await?)
     }
 
     /// `UID MOVE` (RFC 6851) of `uids` to `target`.
     pub async fn uid_move(&mut self, uids: &[u32], target: &str) -> Result<()> {
         let target = utf7::encode(target);
+        let q = quoted(&target);
         for set in uid_sets(uids) {
-            let peer = self.peer.clone();
-            timed(&peer, self.timeout, self.session.uid_mv(&set, &target))
-                .await
-                .with_context(|| format!("UID MOVE to {target:?} on {peer}"))?;
+            let head = format!("UID MOVE {set} ");
+            let arg = match &q {
+                Some(q) => Part::Text(q),
+                None => Part::Literal(target.as_bytes()),
+            };
+            self.simple("UID MOVE", &[Part::Text(&head), arg]).await?;
         }
         Ok(())
     }
 
     /// The mailbox carrying the `\Trash` special-use attribute (RFC 6154).
     pub async fn trash_mailbox(&mut self) -> Result<Option<String>> {
-        use async_imap::imap_proto::NameAttribute;
-        let peer = self.peer.clone();
-        timed(&peer, self.timeout, async {
-            let names = self.session.list(Some(""), Some("*")).await?;
-            let mut names = std::pin::pin!(names);
-            let mut found = None;
-            while let Some(n) = names.next().await {
-                let n = n?;
-                if found.is_none()
-                    && n.attributes()
-                        .iter()
-                        .any(|a| matches!(a, NameAttribute::Trash))
-                {
-                    found = Some(n.name().to_string());
+        let mut found = None;
+        self.conn
+            .run("LIST", &[Part::Text("LIST \"\" \"*\"")], |d| {
+                if let Data::List { attributes, name } = d {
+                    if found.is_none()
+                        && attributes.iter().any(|a| a.eq_ignore_ascii_case("\\Trash"))
+                    {
+                        found = Some(name);
+                    }
                 }
-            }
-            Ok::<_, async_imap::error::Error>(found)
-        })
-        .await
-        .with_context(|| format!("LIST on {peer}"))
+                Ok(())
+            })
+            .await?;
+        Ok(found)
     }
 
-    /// Checks that the connection still answers (after a FETCH stream ended,
-    /// to tell "done" from "dropped").
+    /// Checks that the connection still answers.
     pub async fn noop(&mut self) -> Result<()> {
-        timed(&self.peer, self.timeout, self.session.noop())
-            .await
-            .with_context(|| format!("NOOP on {}", self.peer))
+        Ok(self.simple("NOOP", &[Part::Text("NOOP")]).await?)
     }
 
     pub async fn logout(mut self) {
-        let _ = timed(&self.peer, Duration::from_secs(5), self.session.logout()).await;
+        let _ = tokio::time::timeout(
+            LOGOUT_WAIT,
+            self.conn.run("LOGOUT", &[Part::Text("LOGOUT")], |_| Ok(())),
+        )
+        .await;
         tracing::debug!(
             peer = self.peer,
             bytes_in = self.wire.read.load(Ordering::Relaxed),
             bytes_out = self.wire.written.load(Ordering::Relaxed),
-            compressed = self.has("X-IMAPULL-COMPRESSED"),
+            compressed = self.compressed,
             "IMAP session closed"
         );
     }
 }
 
-/// Reads a command's response stream to its end (STORE, EXPUNGE: the items
-/// themselves are not needed), failing on the first error.
-async fn drain<T>(
-    s: impl futures_util::Stream<Item = async_imap::error::Result<T>>,
-) -> async_imap::error::Result<()> {
-    let mut s = std::pin::pin!(s);
-    while let Some(r) = s.next().await {
-        r?;
-    }
-    Ok(())
+/// What ends an IDLE: the mailbox changed.
+fn matters_while_idle(d: &Data) -> bool {
+    matches!(d, Data::Exists(_) | Data::Expunge(_) | Data::Fetch(_))
 }
 
-/// Upper-cased capability names, AUTH= ones included.
-fn cap_set(caps: &async_imap::types::Capabilities) -> HashSet<String> {
-    use async_imap::types::Capability;
-    caps.iter()
-        .map(|c| match c {
-            Capability::Imap4rev1 => "IMAP4REV1".to_string(),
-            Capability::Auth(a) => format!("AUTH={}", a.to_ascii_uppercase()),
-            Capability::Atom(a) => a.to_ascii_uppercase(),
-        })
-        .collect()
+/// The responses of one `UID FETCH`, read as they are taken. `next`
+/// returns `Ok(None)` only after the tagged OK: a NO, a BAD, a drop or a
+/// timeout is an error, so "the server sent everything" and "the stream
+/// stopped" are never the same value.
+pub struct FetchStream<'a> {
+    conn: &'a mut Conn,
+    tag: Option<String>,
+    what: String,
 }
 
-/// CAPABILITY before login: async-imap has it only on a logged-in session,
-/// so the untagged reply is collected from the unsolicited channel.
-async fn client_capabilities(
-    c: &mut async_imap::Client<BoxIo>,
-    peer: &str,
-    limit: Duration,
-) -> Result<HashSet<String>> {
-    use async_imap::imap_proto::Capability as C;
-    use async_imap::types::UnsolicitedResponse;
-    let (tx, rx) = async_channel::unbounded();
-    timed(
-        peer,
-        limit,
-        c.run_command_and_check_ok("CAPABILITY", Some(tx)),
-    )
-    .await
-    .with_context(|| format!("CAPABILITY on {peer}"))?;
-    let mut caps = HashSet::new();
-    while let Ok(r) = rx.try_recv() {
-        if let UnsolicitedResponse::Other(data) = r {
-            if let Response::Capabilities(list) = data.parsed() {
-                caps.extend(list.iter().map(|c| match c {
-                    C::Imap4rev1 => "IMAP4REV1".to_string(),
-                    C::Auth(a) => format!("AUTH={}", a.to_ascii_uppercase()),
-                    C::Atom(a) => a.to_ascii_uppercase(),
-                }));
+impl FetchStream<'_> {
+    pub async fn next(&mut self) -> Result<Option<Fetch>, ImapError> {
+        let Some(tag) = self.tag.clone() else {
+            return Ok(None);
+        };
+        loop {
+            match self.conn.step(&self.what, &tag).await {
+                Ok(Step::Data(Data::Fetch(f))) => return Ok(Some(f)),
+                Ok(Step::Data(Data::Malformed { keyword, why })) => {
+                    // Its message, if it was one of ours, is missing from
+                    // the results, which the pass checks.
+                    tracing::warn!(
+                        peer = self.conn.peer,
+                        keyword,
+                        why,
+                        "ignoring an unreadable response"
+                    );
+                }
+                Ok(Step::Data(_)) => {}
+                Ok(Step::Continue(text)) => {
+                    self.tag = None;
+                    return Err(self.conn.unexpected_continue(&self.what, &text));
+                }
+                Ok(Step::Done(_)) => {
+                    self.tag = None;
+                    return Ok(None);
+                }
+                Err(e) => {
+                    self.tag = None;
+                    return Err(e);
+                }
             }
         }
-    }
-    Ok(caps)
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Greeting {
-    Ok,
-    Preauth,
-}
-
-fn with_exit_report(e: anyhow::Error, info: &TunnelInfo) -> anyhow::Error {
-    match info.exit_report() {
-        Some(r) => e.context(r),
-        None => e,
-    }
-}
-
-/// TCP to the server, directly or through the SOCKS5 proxy.
-async fn connect_tcp(account: &Account, proxy: Option<&Proxy>, peer: &str) -> Result<TcpStream> {
-    let limit = account.imap_timeout;
-    let host = account.host.trim_start_matches('[').trim_end_matches(']');
-    let tcp = match proxy {
-        None => timed(peer, limit, TcpStream::connect((host, account.port)))
-            .await
-            .with_context(|| format!("connecting to {peer}"))?,
-        Some(p) => {
-            let via = format!("{peer} through the SOCKS5 proxy {}:{}", p.host, p.port);
-            let proxy_addr = (p.host.as_str(), p.port);
-            let fut = async {
-                // socks5h: the proxy resolves the name (Tor); socks5: we do.
-                let target: tokio_socks::TargetAddr<'_> = if p.remote_dns {
-                    tokio_socks::TargetAddr::Domain(host.into(), account.port)
-                } else {
-                    let addr = tokio::net::lookup_host((host, account.port))
-                        .await?
-                        .next()
-                        .ok_or_else(|| anyhow!("{host} has no address"))?;
-                    tokio_socks::TargetAddr::Ip(addr)
-                };
-                let s = match &p.auth {
-                    None => tokio_socks::tcp::Socks5Stream::connect(proxy_addr, target).await?,
-                    Some((user, pw)) => {
-                        tokio_socks::tcp::Socks5Stream::connect_with_password(
-                            proxy_addr,
-                            target,
-                            user,
-                            pw.expose(),
-                        )
-                        .await?
-                    }
-                };
-                Ok::<_, anyhow::Error>(s.into_inner())
-            };
-            timed(peer, limit, fut)
-                .await
-                .with_context(|| format!("connecting to {via}"))?
-        }
-    };
-    tcp.set_nodelay(true).ok();
-    Ok(tcp)
-}
-
-async fn read_greeting(
-    c: &mut async_imap::Client<BoxIo>,
-    peer: &str,
-    limit: Duration,
-    allow_preauth: bool,
-) -> Result<Greeting> {
-    let r = timed(peer, limit, c.read_response())
-        .await
-        .with_context(|| format!("reading the greeting of {peer}"))?
-        .ok_or_else(|| anyhow!("{peer} closed the connection before greeting"))?;
-    match r.parsed() {
-        Response::Data {
-            status: Status::Ok, ..
-        } => Ok(Greeting::Ok),
-        Response::Data {
-            status: Status::PreAuth,
-            ..
-        } if allow_preauth => Ok(Greeting::Preauth),
-        Response::Data {
-            status: Status::PreAuth,
-            ..
-        } => bail!(
-            "{peer} greeted with PREAUTH on a network connection; refusing it, since a man in \
-             the middle could use it to skip authentication and TLS (PREAUTH is accepted only \
-             over a tunnel)"
-        ),
-        Response::Data {
-            status: Status::Bye,
-            outcome,
-        } => bail!(
-            "{peer} refused the connection: {}",
-            outcome.information.as_deref().unwrap_or("BYE")
-        ),
-        _ => bail!("{peer} sent an unexpected greeting"),
-    }
-}
-
-/// A TLS client context per CA file, built once per process: building one
-/// loads the system's trust store, which costs tens of milliseconds of CPU,
-/// and a run over twenty accounts would pay it twenty times.
-fn tls_connector(ca_file: Option<&std::path::Path>) -> Result<native_tls::TlsConnector> {
-    use std::collections::HashMap;
-    use std::sync::{Mutex, OnceLock};
-    static CACHE: OnceLock<Mutex<HashMap<Option<std::path::PathBuf>, native_tls::TlsConnector>>> =
-        OnceLock::new();
-    let key = ca_file.map(std::path::Path::to_path_buf);
-    let cache = CACHE.get_or_init(Default::default);
-    if let Some(c) = cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
-        return Ok(c);
-    }
-    let mut builder = native_tls::TlsConnector::builder();
-    if let Some(ca) = ca_file {
-        let pem = std::fs::read(ca).with_context(|| format!("reading ca_file {}", ca.display()))?;
-        let certs = native_tls::Certificate::stack_from_pem(&pem)
-            .with_context(|| format!("parsing ca_file {}", ca.display()))?;
-        for cert in certs {
-            builder.add_root_certificate(cert);
-        }
-    }
-    let connector = builder.build().context("setting up TLS")?;
-    if let Ok(mut c) = cache.lock() {
-        c.insert(key, connector.clone());
-    }
-    Ok(connector)
-}
-
-/// Bytes read from the socket at once below TLS.
-const TLS_READ_BUFFER: usize = 64 * 1024;
-
-async fn tls_wrap(account: &Account, stream: BoxIo) -> Result<BoxIo> {
-    let peer = format!("{}:{}", account.host, account.port);
-    let connector =
-        tokio_native_tls::TlsConnector::from(tls_connector(account.ca_file.as_deref())?);
-    let host = account.host.trim_start_matches('[').trim_end_matches(']');
-    // OpenSSL reads a record's 5-byte header and then its body, two reads
-    // per record; a buffer below it turns those into one large read per
-    // burst of records (a 108 MB FETCH: 56,000 reads became 4,700).
-    let stream = tokio::io::BufReader::with_capacity(TLS_READ_BUFFER, stream);
-    let tls = timed(&peer, account.imap_timeout, connector.connect(host, stream))
-        .await
-        .with_context(|| format!("TLS handshake with {peer}"))?;
-    if let Some(pin) = &account.tls_pin_sha256 {
-        let cert = tls
-            .get_ref()
-            .peer_certificate()?
-            .ok_or_else(|| anyhow!("{peer} sent no certificate"))?;
-        let got = spki_sha256(&cert.to_der()?)?;
-        if &got != pin {
-            bail!(
-                "{peer}: the server's public key (sha256 {}) does not match tls_pin_sha256",
-                hex(&got)
-            );
-        }
-    }
-    Ok(Box::new(tls))
-}
-
-/// SHA-256 of the certificate's SubjectPublicKeyInfo (the HPKP/curl pin).
-pub fn spki_sha256(der: &[u8]) -> Result<Vec<u8>> {
-    let x509 = openssl::x509::X509::from_der(der)?;
-    let spki = x509.public_key()?.public_key_to_der()?;
-    Ok(openssl::sha::sha256(&spki).to_vec())
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn read_password(src: &PasswordSource) -> Result<Secret> {
-    fn strip(mut s: String) -> String {
-        if s.ends_with('\n') {
-            s.pop();
-            if s.ends_with('\r') {
-                s.pop();
-            }
-        }
-        s
-    }
-    match src {
-        PasswordSource::None => Ok(Secret::new(String::new())),
-        PasswordSource::Inline(s) => Ok(s.clone()),
-        PasswordSource::File(p) => {
-            let p = &expand_credentials(p)?;
-            let s = std::fs::read_to_string(p)
-                .with_context(|| format!("reading password_file {}", p.display()))?;
-            Ok(Secret::new(strip(s)))
-        }
-        PasswordSource::Command(argv) => {
-            let out = std::process::Command::new(&argv[0])
-                .args(&argv[1..])
-                .stdin(std::process::Stdio::null())
-                .stderr(std::process::Stdio::inherit())
-                .output()
-                .with_context(|| format!("running password_command {:?}", argv[0]))?;
-            if !out.status.success() {
-                bail!("password_command {:?} failed: {}", argv[0], out.status);
-            }
-            let s = String::from_utf8(out.stdout)
-                .map_err(|_| anyhow!("password_command {:?} printed non-UTF-8", argv[0]))?;
-            Ok(Secret::new(strip(s)))
-        }
-    }
-}
-
-/// Expands `${CREDENTIALS_DIRECTORY}` (or `$CREDENTIALS_DIRECTORY`) in a
-/// password_file path: where systemd's `LoadCredential=` puts secrets.
-fn expand_credentials(p: &std::path::Path) -> Result<std::path::PathBuf> {
-    let s = p.to_string_lossy();
-    let pattern = ["${CREDENTIALS_DIRECTORY}", "$CREDENTIALS_DIRECTORY"]
-        .into_iter()
-        .find(|pat| s.contains(pat));
-    let Some(pattern) = pattern else {
-        return Ok(p.to_path_buf());
-    };
-    let dir = std::env::var("CREDENTIALS_DIRECTORY").map_err(|_| {
-        anyhow!(
-            "password_file {s:?} names $CREDENTIALS_DIRECTORY, but CREDENTIALS_DIRECTORY is not set \
-             (it is set by systemd's LoadCredential=)"
-        )
-    })?;
-    Ok(s.replace(pattern, &dir).into())
-}
-
-struct PlainAuth {
-    user: String,
-    password: Secret,
-}
-
-impl PlainAuth {
-    /// RFC 4616: authzid (empty), NUL, authcid, NUL, password.
-    fn response(&self) -> Vec<u8> {
-        let mut r = Vec::new();
-        r.push(0);
-        r.extend_from_slice(self.user.as_bytes());
-        r.push(0);
-        r.extend_from_slice(self.password.expose().as_bytes());
-        r
-    }
-}
-
-impl async_imap::Authenticator for PlainAuth {
-    type Response = Vec<u8>;
-    fn process(&mut self, _challenge: &[u8]) -> Vec<u8> {
-        self.response()
     }
 }
 

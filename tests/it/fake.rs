@@ -374,7 +374,33 @@ pub struct MailState {
     pub trash: Vec<Msg>,
     pub uidnext: u32,
     pub log: Vec<String>,
+    /// Answer the first command line that starts with `.0` (after the tag)
+    /// this way instead, then forget it.
+    pub fault: Option<(String, Fault)>,
+    /// Send what real servers send unasked before every tagged reply:
+    /// unknown responses, progress lines, flag changes, RECENT, odd codes.
+    pub chatty: bool,
+    /// During the next FETCH of bodies, this UID is expunged.
+    pub expunge_mid_fetch: Option<u32>,
 }
+
+/// An injected answer to one command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    No,
+    Bad,
+    /// `* BYE`, then the connection closes.
+    Bye,
+    /// The connection closes without an answer.
+    Drop,
+}
+
+const CHATTER: &str = "* XFOO 17 (something new) \"x\"\r\n\
+    * OK Searched 91% of the mailbox, ETA 0:01\r\n\
+    * 1 RECENT\r\n\
+    * OK [MYRIGHTS \"acdilrsw\"] rights\r\n\
+    * OK [HIGHESTMODSEQ 123456] m\r\n\
+    * OK [X-ODD (a b)] odd\r\n";
 
 /// A small stateful IMAP server with one INBOX and a `\Trash` mailbox, for
 /// what Dovecot will not do: no UIDPLUS, or Gmail's capabilities.
@@ -474,6 +500,35 @@ fn mail_session(s: TcpStream, caps: &str, state: &Mutex<MailState>) -> std::io::
         st.log.push(l.clone());
         let mut parts = l.splitn(3, ' ');
         let tag = parts.next().unwrap_or("*").to_string();
+        let command = l
+            .split_once(' ')
+            .map_or("", |(_, c)| c)
+            .to_ascii_uppercase();
+        let injected = match &st.fault {
+            Some((prefix, f)) if command.starts_with(prefix.as_str()) => Some(*f),
+            _ => None,
+        };
+        if let Some(f) = injected {
+            st.fault = None;
+            match f {
+                Fault::No => {
+                    w.write_all(format!("{tag} NO [UNAVAILABLE] injected\r\n").as_bytes())?;
+                    continue;
+                }
+                Fault::Bad => {
+                    w.write_all(format!("{tag} BAD injected\r\n").as_bytes())?;
+                    continue;
+                }
+                Fault::Bye => {
+                    w.write_all(b"* BYE injected\r\n")?;
+                    return Ok(());
+                }
+                Fault::Drop => return Ok(()),
+            }
+        }
+        if st.chatty {
+            w.write_all(CHATTER.as_bytes())?;
+        }
         let cmd = parts.next().unwrap_or("").to_ascii_uppercase();
         let rest = parts.next().unwrap_or("").to_string();
         let mut out = String::new();
@@ -546,8 +601,19 @@ fn mail_session(s: TcpStream, caps: &str, state: &Mutex<MailState>) -> std::io::
                     "FETCH" => {
                         let want = parse_set(&arg, max);
                         let header_only = more.contains("HEADER");
+                        // Another client expunges this message while the
+                        // FETCH runs: the server says EXPUNGE where the
+                        // message would have come, and later sequence
+                        // numbers shift down by one.
+                        let gone = st.expunge_mid_fetch.take();
+                        let mut shift = 0;
                         for (i, m) in st.inbox.iter().enumerate() {
                             if !want.contains(&m.uid) {
+                                continue;
+                            }
+                            if Some(m.uid) == gone {
+                                bytes.extend_from_slice(format!("* {} EXPUNGE\r\n", i + 1).as_bytes());
+                                shift = 1;
                                 continue;
                             }
                             let (name, data) = if header_only {
@@ -559,14 +625,26 @@ fn mail_session(s: TcpStream, caps: &str, state: &Mutex<MailState>) -> std::io::
                             let flags: Vec<&str> = m.flags.iter().map(String::as_str).collect();
                             bytes.extend_from_slice(format!(
                                 "* {} FETCH (UID {} RFC822.SIZE {} FLAGS ({}) INTERNALDATE \"23-Nov-2026 10:00:00 +0000\" {name} {{{}}}\r\n",
-                                i + 1, m.uid, m.body.len(), flags.join(" "), data.len()
+                                i + 1 - shift, m.uid, m.body.len(), flags.join(" "), data.len()
                             ).as_bytes());
                             bytes.extend_from_slice(data);
                             bytes.extend_from_slice(b")\r\n");
+                            if st.chatty {
+                                bytes.extend_from_slice(b"* 1 FETCH (FLAGS (\\Seen))\r\n* 7 EXISTS\r\n");
+                            }
+                        }
+                        if let Some(uid) = gone {
+                            st.inbox.retain(|m| m.uid != uid);
                         }
                     }
                     "STORE" => {
                         let want = parse_set(&arg, max);
+                        if st.chatty {
+                            // Despite .SILENT, as some servers do.
+                            for (i, m) in st.inbox.iter().enumerate().filter(|(_, m)| want.contains(&m.uid)) {
+                                out.push_str(&format!("* {} FETCH (UID {} FLAGS (\\Seen))\r\n", i + 1, m.uid));
+                            }
+                        }
                         let add = more.starts_with('+');
                         let flags: Vec<String> = more[more.find('(').unwrap() + 1..more.find(')').unwrap()]
                             .split(' ')

@@ -124,7 +124,7 @@ fn fetch_answered_no_loses_nothing_and_marks_nothing_else() {
     let out = case.run(&["run"]);
     assert_ne!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(
-        stderr(&out).contains("did not return 2 requested message(s) (UIDs 2:3)"),
+        stderr(&out).contains("NO [SERVERBUG] cannot read message 2"),
         "{}",
         stderr(&out)
     );

@@ -7,6 +7,7 @@ mod harness;
 
 mod daemon;
 mod faults;
+mod imap_faults;
 mod kill;
 mod pull;
 mod purge;

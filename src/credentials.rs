@@ -1,0 +1,77 @@
+//! Reading an account's password where the config says it is: inline, in a
+//! file (systemd's `LoadCredential=` directory included), or printed by a
+//! command. What is read goes straight into a [`Secret`].
+
+use anyhow::{anyhow, bail, Context as _, Result};
+
+use crate::config::PasswordSource;
+use crate::secret::Secret;
+
+pub fn read_password(src: &PasswordSource) -> Result<Secret> {
+    match src {
+        PasswordSource::None => Ok(Secret::new(String::new())),
+        PasswordSource::Inline(s) => Ok(s.clone()),
+        PasswordSource::File(p) => {
+            let p = &expand_credentials(p)?;
+            let s = std::fs::read_to_string(p)
+                .with_context(|| format!("reading password_file {}", p.display()))?;
+            Ok(Secret::new(strip_newline(s)))
+        }
+        PasswordSource::Command(argv) => {
+            let out = std::process::Command::new(&argv[0])
+                .args(&argv[1..])
+                .stdin(std::process::Stdio::null())
+                .stderr(std::process::Stdio::inherit())
+                .output()
+                .with_context(|| format!("running password_command {:?}", argv[0]))?;
+            if !out.status.success() {
+                bail!("password_command {:?} failed: {}", argv[0], out.status);
+            }
+            let s = String::from_utf8(out.stdout)
+                .map_err(|_| anyhow!("password_command {:?} printed non-UTF-8", argv[0]))?;
+            Ok(Secret::new(strip_newline(s)))
+        }
+    }
+}
+
+/// One final newline (LF or CRLF) is the file's, not the password's.
+fn strip_newline(mut s: String) -> String {
+    if s.ends_with('\n') {
+        s.pop();
+        if s.ends_with('\r') {
+            s.pop();
+        }
+    }
+    s
+}
+
+/// Expands `${CREDENTIALS_DIRECTORY}` (or `$CREDENTIALS_DIRECTORY`) in a
+/// password_file path: where systemd's `LoadCredential=` puts secrets.
+fn expand_credentials(p: &std::path::Path) -> Result<std::path::PathBuf> {
+    let s = p.to_string_lossy();
+    let pattern = ["${CREDENTIALS_DIRECTORY}", "$CREDENTIALS_DIRECTORY"]
+        .into_iter()
+        .find(|pat| s.contains(pat));
+    let Some(pattern) = pattern else {
+        return Ok(p.to_path_buf());
+    };
+    let dir = std::env::var("CREDENTIALS_DIRECTORY").map_err(|_| {
+        anyhow!(
+            "password_file {s:?} names $CREDENTIALS_DIRECTORY, but CREDENTIALS_DIRECTORY is not set \
+             (it is set by systemd's LoadCredential=)"
+        )
+    })?;
+    Ok(s.replace(pattern, &dir).into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_final_newline_is_stripped() {
+        assert_eq!(strip_newline("pw\r\n".into()), "pw");
+        assert_eq!(strip_newline("pw\n\n".into()), "pw\n");
+        assert_eq!(strip_newline("pw".into()), "pw");
+    }
+}

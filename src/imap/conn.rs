@@ -1,0 +1,464 @@
+//! One IMAP connection's I/O: a read buffer fed to the [`Framer`], tags,
+//! and running a command to its tagged completion.
+//!
+//! Every command goes through [`Conn::run`], which is where "every reply is
+//! read for what it says" is kept: the tagged OK is the only success; NO,
+//! BAD, a tagged line that is no status, BYE, EOF, a timeout or a line over
+//! the limit are each an [`ImapError`]. Untagged responses are handed to the
+//! command's callback; the ones it does not want are ignored (logged at
+//! debug level), wherever they come. Once a read or write failed, the
+//! connection is broken and every later command fails at once: a response
+//! half read cannot be mistaken for the next command's.
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use super::response::{parse, Code, Data, FrameError, Framer, Response, Status};
+use crate::net::BoxIo;
+
+/// How many bytes one read asks the socket for at least. Small enough that
+/// a thousand idle connections hold little; a large literal reserves its
+/// whole size at once instead.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// A command's outcome when it was not a tagged OK.
+#[derive(Debug, thiserror::Error)]
+pub enum ImapError {
+    /// The server refused the command (tagged NO).
+    #[error("{peer} refused {command}: NO {}{text}", .code.as_ref().map(|c| format!("[{c}] ")).unwrap_or_default())]
+    No {
+        peer: String,
+        command: String,
+        code: Option<String>,
+        text: String,
+    },
+    /// The server did not accept the command (tagged BAD, or a tagged line
+    /// that is no status at all).
+    #[error("{peer} rejected {command}: BAD {text}")]
+    Bad {
+        peer: String,
+        command: String,
+        text: String,
+    },
+    /// The connection ended: EOF, or a BYE.
+    #[error("{peer} closed the connection{}", .bye.as_ref().map(|b| format!(" (BYE {b})")).unwrap_or_default())]
+    Closed { peer: String, bye: Option<String> },
+    /// The byte stream cannot be read on.
+    #[error("{peer} sent {0}", .what)]
+    Frame { peer: String, what: FrameError },
+    /// A response imapull needs could not be read (e.g. a SEARCH result).
+    #[error("{peer} sent an unreadable response to {command}: {why}")]
+    Protocol {
+        peer: String,
+        command: String,
+        why: String,
+    },
+    /// Reading or writing failed (a timeout included).
+    #[error("talking to {peer}: {source}")]
+    Io {
+        peer: String,
+        source: std::io::Error,
+    },
+    /// An earlier failure left the connection unusable.
+    #[error("the connection to {peer} is no longer usable ({why})")]
+    Broken { peer: String, why: String },
+}
+
+impl ImapError {
+    /// The server said NO or BAD: the connection itself is still good.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, ImapError::No { .. } | ImapError::Bad { .. })
+    }
+}
+
+/// One response of a running command.
+#[derive(Debug)]
+pub enum Step {
+    Data(Data),
+    Continue(String),
+    /// The tagged OK.
+    Done(Done),
+}
+
+/// What a tagged OK said besides "done".
+#[derive(Debug, Default, Clone)]
+pub struct Done {
+    pub code: Option<Code>,
+}
+
+/// A part of a command line: text as is, or a literal (sent as `{n}` and
+/// then, once the server says go on, the bytes).
+pub enum Part<'a> {
+    Text(&'a str),
+    Literal(&'a [u8]),
+}
+
+pub struct Conn {
+    io: BoxIo,
+    buf: BytesMut,
+    framer: Framer,
+    next_tag: u32,
+    pub peer: String,
+    /// Set by the first I/O failure: nothing more is read or written.
+    broken: Option<String>,
+    /// The server said BYE: the next EOF is explained by it.
+    bye: Option<String>,
+    /// LITERAL+ or LITERAL- (RFC 7888): literals need not wait for "+".
+    pub literal_plus: bool,
+}
+
+impl Conn {
+    /// `max_literal`: the largest literal held in memory (a bigger one is
+    /// dropped as it arrives and reported as too large).
+    pub fn new(io: BoxIo, peer: String, max_literal: u64) -> Conn {
+        Conn {
+            io,
+            buf: BytesMut::new(),
+            framer: Framer::new(max_literal),
+            next_tag: 1,
+            peer,
+            broken: None,
+            bye: None,
+            literal_plus: false,
+        }
+    }
+
+    fn fail(&mut self, e: ImapError) -> ImapError {
+        if self.broken.is_none() && !e.is_refusal() {
+            self.broken = Some(e.to_string());
+        }
+        e
+    }
+
+    fn check(&self) -> Result<(), ImapError> {
+        match &self.broken {
+            Some(why) => Err(ImapError::Broken {
+                peer: self.peer.clone(),
+                why: why.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Reads the next response. Cancel-safe: bytes read stay in the buffer.
+    pub async fn read(&mut self) -> Result<Response, ImapError> {
+        self.check()?;
+        loop {
+            match self.framer.next(&mut self.buf) {
+                Ok(Some(frame)) => {
+                    let r = parse(&frame);
+                    if let Response::Data(Data::Status {
+                        status: Status::Bye,
+                        text,
+                        ..
+                    }) = &r
+                    {
+                        self.bye = Some(text.clone());
+                    }
+                    if tracing::enabled!(tracing::Level::TRACE) {
+                        trace_frame(&self.peer, &frame.bytes);
+                    }
+                    return Ok(r);
+                }
+                Ok(None) => {}
+                Err(what) => {
+                    let peer = self.peer.clone();
+                    return Err(self.fail(ImapError::Frame { peer, what }));
+                }
+            }
+            self.buf.reserve(self.framer.wanted().max(READ_CHUNK));
+            match self.io.read_buf(&mut self.buf).await {
+                Ok(0) => {
+                    let (peer, bye) = (self.peer.clone(), self.bye.clone());
+                    return Err(self.fail(ImapError::Closed { peer, bye }));
+                }
+                Ok(_) => {}
+                Err(source) => {
+                    let peer = self.peer.clone();
+                    return Err(self.fail(ImapError::Io { peer, source }));
+                }
+            }
+        }
+    }
+
+    /// Writes bytes and flushes them.
+    pub async fn write(&mut self, bytes: &[u8]) -> Result<(), ImapError> {
+        self.check()?;
+        let r = async {
+            self.io.write_all(bytes).await?;
+            self.io.flush().await
+        }
+        .await;
+        r.map_err(|source| {
+            let peer = self.peer.clone();
+            self.fail(ImapError::Io { peer, source })
+        })
+    }
+
+    /// Sends `parts` as one tagged command and reads to its completion.
+    /// `what` names the command in errors (never its arguments: LOGIN's are
+    /// secret). Untagged data goes to `on_data`; what it returns `Err` for
+    /// fails the command once it completes (the rest is still read, so the
+    /// connection stays usable).
+    pub async fn run(
+        &mut self,
+        what: &str,
+        parts: &[Part<'_>],
+        mut on_data: impl FnMut(Data) -> Result<(), String>,
+    ) -> Result<Done, ImapError> {
+        let tag = self.send(what, parts, &mut on_data).await?;
+        self.finish(what, &tag, on_data).await
+    }
+
+    /// Writes a tagged command; literals wait for the server's "+" unless
+    /// LITERAL+ is on. Returns the tag.
+    pub async fn send(
+        &mut self,
+        what: &str,
+        parts: &[Part<'_>],
+        on_data: &mut impl FnMut(Data) -> Result<(), String>,
+    ) -> Result<String, ImapError> {
+        let tag = format!("A{:04}", self.next_tag);
+        self.next_tag += 1;
+        let mut line = Vec::with_capacity(64);
+        line.extend_from_slice(tag.as_bytes());
+        line.push(b' ');
+        for part in parts {
+            match part {
+                Part::Text(t) => line.extend_from_slice(t.as_bytes()),
+                Part::Literal(bytes) => {
+                    let plus = if self.literal_plus { "+" } else { "" };
+                    line.extend_from_slice(format!("{{{}{plus}}}\r\n", bytes.len()).as_bytes());
+                    if self.literal_plus {
+                        line.extend_from_slice(bytes);
+                        continue;
+                    }
+                    self.write(&line).await?;
+                    line.clear();
+                    self.wait_continue(what, &tag, on_data).await?;
+                    line.extend_from_slice(bytes);
+                }
+            }
+        }
+        line.extend_from_slice(b"\r\n");
+        if tracing::enabled!(tracing::Level::TRACE) {
+            // Only the command's name: arguments may be credentials.
+            tracing::trace!(peer = self.peer, "C: {tag} {what}");
+        }
+        self.write(&line).await?;
+        Ok(tag)
+    }
+
+    /// Reads until a continuation request; a tagged reply first means the
+    /// server refused the command before its end.
+    pub async fn wait_continue(
+        &mut self,
+        what: &str,
+        tag: &str,
+        on_data: &mut impl FnMut(Data) -> Result<(), String>,
+    ) -> Result<String, ImapError> {
+        loop {
+            match self.step(what, tag).await {
+                Ok(Step::Continue(text)) => return Ok(text),
+                Ok(Step::Data(d)) => {
+                    let _ = on_data(d);
+                }
+                // A tagged OK before the "+" still means the command was
+                // cut short: its end was never sent.
+                Ok(Step::Done(_)) => {
+                    return Err(ImapError::Bad {
+                        peer: self.peer.clone(),
+                        command: what.into(),
+                        text: "completed before the command was sent whole".into(),
+                    })
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Reads one response of the running command `tag`: untagged data, a
+    /// continuation request, or its completion. NO, BAD and a tagged line
+    /// that is no status are errors; so is every failure to read.
+    pub async fn step(&mut self, what: &str, tag: &str) -> Result<Step, ImapError> {
+        loop {
+            match self.read().await? {
+                Response::Data(d) => {
+                    if let Data::Other { keyword } = &d {
+                        tracing::debug!(
+                            peer = self.peer,
+                            what,
+                            keyword,
+                            "ignoring an unknown response"
+                        );
+                    }
+                    return Ok(Step::Data(d));
+                }
+                Response::Continue(text) => return Ok(Step::Continue(text)),
+                Response::Tagged {
+                    tag: t,
+                    status,
+                    code,
+                    text,
+                } if t == tag => return self.outcome(what, status, code, text).map(Step::Done),
+                Response::Tagged { tag: t, .. } => stray(&self.peer, &t),
+            }
+        }
+    }
+
+    /// Reads to the tagged completion of `tag`. What `on_data` refuses
+    /// fails the command once it completed (the rest is still read, so
+    /// the connection stays usable).
+    pub async fn finish(
+        &mut self,
+        what: &str,
+        tag: &str,
+        mut on_data: impl FnMut(Data) -> Result<(), String>,
+    ) -> Result<Done, ImapError> {
+        let mut refused: Option<String> = None;
+        loop {
+            match self.step(what, tag).await? {
+                Step::Data(d) => {
+                    if let Err(why) = on_data(d) {
+                        refused.get_or_insert(why);
+                    }
+                }
+                Step::Continue(text) => return Err(self.unexpected_continue(what, &text)),
+                Step::Done(done) => {
+                    return match refused {
+                        Some(why) => Err(ImapError::Protocol {
+                            peer: self.peer.clone(),
+                            command: what.into(),
+                            why,
+                        }),
+                        None => Ok(done),
+                    };
+                }
+            }
+        }
+    }
+
+    /// A "+" nobody asked for: answering would be guessing, so the
+    /// connection is given up.
+    pub fn unexpected_continue(&mut self, what: &str, text: &str) -> ImapError {
+        let peer = self.peer.clone();
+        self.fail(ImapError::Protocol {
+            peer,
+            command: what.into(),
+            why: format!("an unexpected continuation request ({text})"),
+        })
+    }
+
+    fn outcome(
+        &mut self,
+        what: &str,
+        status: Option<Status>,
+        code: Option<Code>,
+        text: String,
+    ) -> Result<Done, ImapError> {
+        let peer = self.peer.clone();
+        match status {
+            Some(Status::Ok) => Ok(Done { code }),
+            Some(Status::No) => Err(ImapError::No {
+                peer,
+                command: what.into(),
+                code: code.map(|c| match c {
+                    Code::Other(name) => name,
+                    c => format!("{c:?}"),
+                }),
+                text,
+            }),
+            _ => Err(ImapError::Bad {
+                peer,
+                command: what.into(),
+                text,
+            }),
+        }
+    }
+
+    /// Gives up the stream (STARTTLS, COMPRESS). Bytes already read after
+    /// the last response are returned with it: for COMPRESS they are
+    /// compressed data to decode first; for STARTTLS the caller drops them,
+    /// since plaintext injected before the handshake must never be read.
+    pub fn into_parts(self) -> (BoxIo, BytesMut) {
+        (self.io, self.buf)
+    }
+
+    /// A connection over a new stream, keeping the tag counter.
+    pub fn rewrap(self, f: impl FnOnce(BoxIo, BytesMut) -> BoxIo, max_literal: u64) -> Conn {
+        let Conn {
+            io,
+            buf,
+            next_tag,
+            peer,
+            literal_plus,
+            ..
+        } = self;
+        let mut c = Conn::new(f(io, buf), peer, max_literal);
+        c.next_tag = next_tag;
+        c.literal_plus = literal_plus;
+        c
+    }
+
+    /// The read buffer's capacity, for the memory figures.
+    pub fn buffered(&self) -> usize {
+        self.buf.capacity()
+    }
+
+    /// Lets an idle connection give back a large buffer.
+    pub fn shrink(&mut self) {
+        if self.buf.is_empty() && self.buf.capacity() > 4 * READ_CHUNK {
+            self.buf = BytesMut::new();
+        }
+    }
+}
+
+fn stray(peer: &str, tag: &str) {
+    tracing::debug!(
+        peer,
+        tag,
+        "ignoring a tagged response for no command in progress"
+    );
+}
+
+/// The server's bytes at trace level, literals elided: message text and
+/// whatever a server echoes stay out of the log.
+fn trace_frame(peer: &str, bytes: &[u8]) {
+    let line_end = memchr::memchr(b'\n', bytes).map_or(bytes.len(), |i| i + 1);
+    let first = String::from_utf8_lossy(&bytes[..line_end.min(200)]);
+    tracing::trace!(peer, len = bytes.len(), "S: {}", first.trim_end());
+}
+
+/// An IMAP quoted string for `s` when it can be one (RFC 3501 `quoted`:
+/// 7-bit, no CR, LF or NUL), else None and the caller sends a literal.
+pub fn quoted(s: &str) -> Option<String> {
+    if s.len() > 1000
+        || s.bytes()
+            .any(|b| matches!(b, 0 | b'\r' | b'\n' | 0x80..=0xff))
+    {
+        return None;
+    }
+    let mut q = String::with_capacity(s.len() + 2);
+    q.push('"');
+    for c in s.chars() {
+        if c == '"' || c == '\\' {
+            q.push('\\');
+        }
+        q.push(c);
+    }
+    q.push('"');
+    Some(q)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting() {
+        assert_eq!(quoted("INBOX").as_deref(), Some("\"INBOX\""));
+        assert_eq!(quoted("a\"b\\c").as_deref(), Some("\"a\\\"b\\\\c\""));
+        assert_eq!(quoted("pässword"), None);
+        assert_eq!(quoted("a\r\nb"), None);
+    }
+}

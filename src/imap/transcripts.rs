@@ -1,0 +1,639 @@
+//! Transcript tests of the IMAP client: what the server sends, byte for
+//! byte, over an in-memory stream, and what imapull must make of it.
+//!
+//! Each command has one clean exchange. From it the tests derive the
+//! variants a real server produces on its own schedule: every oddity in
+//! [`ODDITIES`] inserted before every line the server sends, the tagged OK
+//! turned into NO or BAD, a BYE, and the connection closing after each
+//! line. The result must be the clean one for the first kind, and an
+//! error, never an empty result, for the others.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+
+use super::connect::{establish, Transport};
+use super::*;
+use crate::net::IdleTimeout;
+
+/// What real servers send unasked: extensions, progress lines, flag
+/// changes after a STORE .SILENT, mailbox size changes, unknown codes.
+const ODDITIES: &[&str] = &[
+    "* XFOO 17 (something new) \"x\"\r\n",
+    "* OK Searched 91% of the mailbox, ETA 0:01\r\n",
+    "* 3 FETCH (FLAGS (\\Seen))\r\n",
+    "* 9 EXISTS\r\n",
+    "* 1 RECENT\r\n",
+    "* 2 EXPUNGE\r\n",
+    "* OK [MYRIGHTS \"acdilrsw\"] rights\r\n",
+    "* OK [HIGHESTMODSEQ 123456] modseq\r\n",
+    "* OK [X-SOMETHING (a b) \"c\"] who knows\r\n",
+    "* NO [ALERT] the disk is nearly full\r\n",
+    "* XLITERAL {5}\r\nab\r\nc\r\n",
+];
+
+fn account(extra: &str) -> Account {
+    let text = format!(
+        "[accounts.t]\nhost = \"127.0.0.1\"\ntls = \"none\"\nusername = \"u\"\npassword = \"p\\\"w\"\n\
+         deliver = \"smtp://127.0.0.1:25\"\nrecipients = [\"me@example.org\"]\n{extra}"
+    );
+    crate::config::Config::parse(std::path::Path::new("t.toml"), &text)
+        .unwrap()
+        .accounts
+        .remove(0)
+}
+
+/// One exchange as the server plays it: for each command line it expects
+/// (compared without the tag), the bytes it answers with (`$T` is the tag).
+/// `close_after`: the server hangs up after that many answer lines.
+#[derive(Clone)]
+struct Exchange {
+    expect: Vec<String>,
+    answer: Vec<Vec<String>>,
+}
+
+/// Plays `ex` on its end of a duplex stream; returns the command lines seen.
+async fn serve(
+    io: tokio::io::DuplexStream,
+    greeting: &'static str,
+    ex: Exchange,
+    close_after: Option<usize>,
+) -> Vec<String> {
+    let (r, mut w) = tokio::io::split(io);
+    let mut r = BufReader::new(r);
+    let mut seen = Vec::new();
+    let mut sent = 0usize;
+    if w.write_all(greeting.as_bytes()).await.is_err() {
+        return seen;
+    }
+    for (expect, answer) in ex.expect.iter().zip(&ex.answer) {
+        let mut line = String::new();
+        if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+            return seen;
+        }
+        let line = line.trim_end().to_string();
+        let (tag, rest) = line.split_once(' ').unwrap_or((&line, ""));
+        assert_eq!(rest, expect, "the client sent {line:?}");
+        seen.push(line.clone());
+        for a in answer {
+            if close_after == Some(sent) {
+                return seen;
+            }
+            sent += 1;
+            let _ = w.write_all(a.replace("$T", tag).as_bytes()).await;
+            if a.starts_with("* BYE") || (a.starts_with('+') && close_after == Some(sent)) {
+                return seen;
+            }
+            if a.starts_with('+') {
+                // A continuation: the client's next line answers it.
+                let mut more = String::new();
+                if r.read_line(&mut more).await.unwrap_or(0) == 0 {
+                    return seen;
+                }
+                seen.push(more.trim_end().to_string());
+            }
+        }
+    }
+    // Wait for the client to finish (or hang up).
+    let mut rest = String::new();
+    let _ = r.read_line(&mut rest).await;
+    seen
+}
+
+/// An `Imap` logged in over a duplex stream: the greeting is PREAUTH with
+/// capabilities, so no command precedes the one under test.
+async fn session(io: tokio::io::DuplexStream) -> Imap {
+    let t = Transport {
+        io: Box::new(IdleTimeout::new(io, Duration::from_secs(5))),
+        peer: "test".into(),
+        tunnel: None,
+        wire: WireStats::default(),
+    };
+    match establish(&account("compress = false"), t, true).await {
+        Ok(i) => i,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+const PREAUTH: &str = "* PREAUTH [CAPABILITY IMAP4rev1 UIDPLUS MOVE IDLE] ready\r\n";
+
+/// A command under test, and what it returned, as text for comparison.
+#[derive(Clone, Copy, Debug)]
+enum Cmd {
+    Select,
+    Search,
+    FetchBodies,
+    Sizes,
+    Store,
+    UidExpunge,
+    Expunge,
+    Move,
+    List,
+    Noop,
+}
+
+impl Cmd {
+    fn clean(self) -> (Exchange, &'static str) {
+        let ex = |expect: &str, answer: &[&str]| Exchange {
+            expect: vec![expect.to_string()],
+            answer: vec![answer.iter().map(|s| s.to_string()).collect()],
+        };
+        match self {
+            Cmd::Select => (
+                ex(
+                    "SELECT \"INBOX\"",
+                    &[
+                        "* 3 EXISTS\r\n",
+                        "* OK [UIDVALIDITY 42] v\r\n",
+                        "* OK [UIDNEXT 8] n\r\n",
+                        "* FLAGS (\\Seen)\r\n",
+                        "$T OK [READ-WRITE] done\r\n",
+                    ],
+                ),
+                "Selected { uidvalidity: 42, uidnext: 8, exists: 3 }",
+            ),
+            Cmd::Search => (
+                ex(
+                    "UID SEARCH UID 5:*",
+                    &["* SEARCH 5 6 7\r\n", "$T OK done\r\n"],
+                ),
+                "{5, 6, 7}",
+            ),
+            Cmd::FetchBodies => (
+                ex(
+                    "UID FETCH 5:6 (UID RFC822.SIZE INTERNALDATE FLAGS BODY.PEEK[])",
+                    &[
+                        "* 1 FETCH (UID 5 RFC822.SIZE 4 FLAGS () BODY[] {4}\r\nab\r\n)\r\n",
+                        "* 2 FETCH (UID 6 BODY[] {2}\r\nxy FLAGS (\\Seen))\r\n",
+                        "$T OK done\r\n",
+                    ],
+                ),
+                "[(5, \"ab\\r\\n\"), (6, \"xy\")]",
+            ),
+            Cmd::Sizes => (
+                ex(
+                    "UID FETCH 5:6 (UID RFC822.SIZE)",
+                    &[
+                        "* 1 FETCH (UID 5 RFC822.SIZE 100)\r\n",
+                        "* 2 FETCH (RFC822.SIZE 7 UID 6)\r\n",
+                        "$T OK done\r\n",
+                    ],
+                ),
+                "[(5, 100), (6, 7)]",
+            ),
+            Cmd::Store => (
+                ex(
+                    "UID STORE 5:6 +FLAGS.SILENT (\\Seen)",
+                    &["* 1 FETCH (UID 5 FLAGS (\\Seen))\r\n", "$T OK done\r\n"],
+                ),
+                "()",
+            ),
+            Cmd::UidExpunge => (
+                ex("UID EXPUNGE 5", &["* 1 EXPUNGE\r\n", "$T OK done\r\n"]),
+                "()",
+            ),
+            Cmd::Expunge => (ex("EXPUNGE", &["* 1 EXPUNGE\r\n", "$T OK done\r\n"]), "()"),
+            Cmd::Move => (
+                ex(
+                    "UID MOVE 5 \"Trash\"",
+                    &[
+                        "* OK [COPYUID 9 5 1] moved\r\n",
+                        "* 1 EXPUNGE\r\n",
+                        "$T OK done\r\n",
+                    ],
+                ),
+                "()",
+            ),
+            Cmd::List => (
+                ex(
+                    "LIST \"\" \"*\"",
+                    &[
+                        "* LIST (\\HasNoChildren) \"/\" INBOX\r\n",
+                        "* LIST (\\HasNoChildren \\Trash) \"/\" \"Bin\"\r\n",
+                        "$T OK done\r\n",
+                    ],
+                ),
+                "Some(\"Bin\")",
+            ),
+            Cmd::Noop => (ex("NOOP", &["$T OK done\r\n"]), "()"),
+        }
+    }
+
+    async fn exec(self, imap: &mut Imap) -> Result<String> {
+        Ok(match self {
+            Cmd::Select => format!("{:?}", imap.select("INBOX").await?),
+            Cmd::Search => format!("{:?}", imap.search("UID 5:*").await?),
+            Cmd::FetchBodies => {
+                let mut got = Vec::new();
+                let mut s = imap.fetch("5:6", FETCH_ITEMS).await?;
+                while let Some(f) = s.next().await? {
+                    if let (Some(u), Some(b)) = (f.uid, f.body()) {
+                        got.push((u, String::from_utf8_lossy(b).into_owned()));
+                    }
+                }
+                format!("{got:?}")
+            }
+            Cmd::Sizes => {
+                let mut s: Vec<(u32, u64)> = imap.sizes(&[5, 6]).await?.into_iter().collect();
+                s.sort_unstable();
+                format!("{s:?}")
+            }
+            Cmd::Store => format!("{:?}", imap.add_seen(&[5, 6]).await?),
+            Cmd::UidExpunge => format!("{:?}", imap.uid_expunge(&[5]).await?),
+            Cmd::Expunge => format!("{:?}", imap.expunge_all_deleted().await?),
+            Cmd::Move => format!("{:?}", imap.uid_move(&[5], "Trash").await?),
+            Cmd::List => format!("{:?}", imap.trash_mailbox().await?),
+            Cmd::Noop => format!("{:?}", imap.noop().await?),
+        })
+    }
+}
+
+const ALL: &[Cmd] = &[
+    Cmd::Select,
+    Cmd::Search,
+    Cmd::FetchBodies,
+    Cmd::Sizes,
+    Cmd::Store,
+    Cmd::UidExpunge,
+    Cmd::Expunge,
+    Cmd::Move,
+    Cmd::List,
+    Cmd::Noop,
+];
+
+/// Runs `cmd` against `ex`; the result, and the connection's health after
+/// (a NOOP that the server answers when the exchange is over).
+async fn run(cmd: Cmd, ex: Exchange, close_after: Option<usize>) -> Result<String> {
+    let (a, b) = tokio::io::duplex(1 << 16);
+    let server = tokio::spawn(serve(b, PREAUTH, ex, close_after));
+    let mut imap = session(a).await;
+    let r = tokio::time::timeout(Duration::from_secs(10), cmd.exec(&mut imap))
+        .await
+        .expect("the client hung");
+    drop(imap);
+    let _ = server.await;
+    r
+}
+
+#[tokio::test]
+async fn every_command_clean() {
+    for &cmd in ALL {
+        let (ex, want) = cmd.clean();
+        assert_eq!(run(cmd, ex, None).await.unwrap(), want, "{cmd:?}");
+    }
+}
+
+#[tokio::test]
+async fn every_oddity_before_every_line_is_ignored() {
+    for &cmd in ALL {
+        let (ex, want) = cmd.clean();
+        for odd in ODDITIES {
+            if matches!(cmd, Cmd::Select) && odd.contains("EXISTS") {
+                // Data SELECT reads, not an oddity: the last one counts.
+                continue;
+            }
+            for at in 0..ex.answer[0].len() {
+                let mut ex = ex.clone();
+                ex.answer[0].insert(at, odd.to_string());
+                let got = run(cmd, ex, None).await;
+                assert_eq!(
+                    got.as_deref().map_err(|e| format!("{e:#}")),
+                    Ok(want),
+                    "{cmd:?} with {odd:?} at {at}"
+                );
+            }
+        }
+    }
+}
+
+fn with_completion(ex: &Exchange, completion: &str) -> Exchange {
+    let mut ex = ex.clone();
+    let last = ex.answer[0].last_mut().unwrap();
+    *last = completion.to_string();
+    ex
+}
+
+#[tokio::test]
+async fn no_bad_and_garbage_completions_are_errors_never_empty_results() {
+    for &cmd in ALL {
+        let (ex, _) = cmd.clean();
+        for completion in [
+            "$T NO [UNAVAILABLE] try later\r\n",
+            "$T BAD what?\r\n",
+            "$T MAYBE\r\n",
+        ] {
+            let r = run(cmd, with_completion(&ex, completion), None).await;
+            let e = r.expect_err(&format!("{cmd:?} {completion:?}"));
+            let imap_e = e
+                .chain()
+                .find_map(|c| c.downcast_ref::<ImapError>())
+                .unwrap_or_else(|| panic!("{cmd:?}: {e:#}"));
+            assert!(imap_e.is_refusal(), "{cmd:?}: {e:#}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn bye_and_every_hang_up_are_errors() {
+    for &cmd in ALL {
+        let (ex, _) = cmd.clean();
+        let bye = with_completion(&ex, "* BYE shutting down\r\n");
+        let e = run(cmd, bye, None).await.expect_err(&format!("{cmd:?}"));
+        assert!(
+            format!("{e:#}").contains("BYE shutting down"),
+            "{cmd:?}: {e:#}"
+        );
+        for after in 0..ex.answer[0].len() {
+            let r = run(cmd, ex.clone(), Some(after)).await;
+            assert!(r.is_err(), "{cmd:?} closed after {after} lines: {r:?}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_two_reported_defects() {
+    // 1. A NO to UID SEARCH is not "nothing new".
+    let (ex, _) = Cmd::Search.clean();
+    let no = with_completion(&ex, "$T NO [UNAVAILABLE] Internal error occurred\r\n");
+    let e = run(Cmd::Search, no, None).await.unwrap_err();
+    assert!(format!("{e}").contains("NO [UNAVAILABLE]"), "{e}");
+    // 2. An unknown response before CAPABILITY's OK is ignored.
+    let (a, b) = tokio::io::duplex(1 << 16);
+    let ex = Exchange {
+        expect: vec!["CAPABILITY".into(), "LOGIN \"u\" \"p\\\"w\"".into()],
+        answer: vec![
+            vec![
+                "* XFOO 17 (something new) \"x\"\r\n".into(),
+                "* CAPABILITY IMAP4rev1 IDLE\r\n".into(),
+                "$T OK done\r\n".into(),
+            ],
+            vec!["$T OK [CAPABILITY IMAP4rev1 IDLE UIDPLUS] in\r\n".into()],
+        ],
+    };
+    let server = tokio::spawn(serve(b, "* OK hi\r\n", ex, None));
+    let t = Transport {
+        io: Box::new(a),
+        peer: "test".into(),
+        tunnel: None,
+        wire: WireStats::default(),
+    };
+    let imap = match establish(&account(""), t, false).await {
+        Ok(i) => i,
+        Err(e) => panic!("{e}"),
+    };
+    assert!(imap.has("UIDPLUS"), "capabilities from the login's OK");
+    drop(imap);
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn sasl_ir_sends_the_credentials_with_the_command() {
+    let (a, b) = tokio::io::duplex(1 << 16);
+    use base64::Engine as _;
+    let ir = base64::engine::general_purpose::STANDARD.encode(b"\0u\0p\"w");
+    let ex = Exchange {
+        expect: vec![format!("AUTHENTICATE PLAIN {ir}"), "CAPABILITY".into()],
+        answer: vec![
+            vec!["$T OK logged in\r\n".into()],
+            vec!["* CAPABILITY IMAP4rev1 IDLE\r\n".into(), "$T OK\r\n".into()],
+        ],
+    };
+    let server = tokio::spawn(serve(
+        b,
+        "* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN SASL-IR] hi\r\n",
+        ex,
+        None,
+    ));
+    let t = Transport {
+        io: Box::new(a),
+        peer: "test".into(),
+        tunnel: None,
+        wire: WireStats::default(),
+    };
+    let imap = establish(&account(""), t, false)
+        .await
+        .map_err(|e| e.to_string());
+    assert!(imap.unwrap().has("IDLE"));
+    let seen = server.await.unwrap();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+}
+
+#[tokio::test]
+async fn a_refused_login_is_an_auth_error_and_preauth_needs_a_tunnel() {
+    for (greeting, expect, answer, auth) in [
+        (
+            "* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] hi\r\n",
+            "AUTHENTICATE PLAIN",
+            vec![
+                "+ \r\n".to_string(),
+                "$T NO [AUTHENTICATIONFAILED] no\r\n".to_string(),
+            ],
+            true,
+        ),
+        (
+            "* PREAUTH [CAPABILITY IMAP4rev1] hi\r\n",
+            "never",
+            vec![],
+            false,
+        ),
+        ("* BYE too busy\r\n", "never", vec![], false),
+    ] {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let ex = Exchange {
+            expect: vec![expect.to_string()],
+            answer: vec![answer],
+        };
+        let server = tokio::spawn(serve(b, greeting, ex, None));
+        let t = Transport {
+            io: Box::new(a),
+            peer: "test".into(),
+            tunnel: None,
+            wire: WireStats::default(),
+        };
+        match establish(&account(""), t, false).await {
+            Err(ConnectError::Auth(e)) => assert!(auth, "{e:#}"),
+            Err(ConnectError::Unavailable(e)) => assert!(!auth, "{e:#}"),
+            Ok(_) => panic!("{greeting} logged in"),
+        }
+        let _ = server.await;
+    }
+}
+
+#[tokio::test]
+async fn a_password_that_cannot_be_quoted_goes_as_a_literal() {
+    let (a, b) = tokio::io::duplex(1 << 16);
+    let ex = Exchange {
+        expect: vec!["LOGIN \"u\" {6}".into()],
+        answer: vec![vec!["+ go on\r\n".into(), "$T OK in\r\n".into()]],
+    };
+    let server = tokio::spawn(serve(b, "* OK [CAPABILITY IMAP4rev1] hi\r\n", ex, None));
+    let t = Transport {
+        io: Box::new(a),
+        peer: "test".into(),
+        tunnel: None,
+        wire: WireStats::default(),
+    };
+    let mut acct = account("");
+    acct.password =
+        crate::config::PasswordSource::Inline(crate::secret::Secret::new("pässw".into()));
+    let r = establish(&acct, t, false).await;
+    drop(r);
+    let seen = server.await.unwrap();
+    assert_eq!(seen[1], "pässw", "{seen:?}");
+}
+
+/// IDLE: an EXISTS ends it; oddities do not; a hang-up is an error, not a
+/// wake-up; a timeout and a wake each send DONE and read the OK.
+#[tokio::test]
+async fn idle_transcripts() {
+    let idle = |answer: &[&str]| Exchange {
+        expect: vec!["IDLE".into()],
+        answer: vec![answer.iter().map(|s| s.to_string()).collect()],
+    };
+    async fn go(
+        ex: Exchange,
+        close_after: Option<usize>,
+        wait: Duration,
+        wake: bool,
+    ) -> Result<IdleEnd> {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let server = tokio::spawn(serve(b, PREAUTH, ex, close_after));
+        let imap = session(a).await;
+        let notify = tokio::sync::Notify::new();
+        if wake {
+            notify.notify_one();
+        }
+        let r = tokio::time::timeout(Duration::from_secs(10), imap.idle(wait, &notify))
+            .await
+            .expect("hung");
+        let r = r.map(|(_, end)| end);
+        let _ = server.await;
+        r
+    }
+    let long = Duration::from_secs(30);
+    // In `serve`, "+ idling" is followed by the client's DONE.
+    // New mail announced before the "+": still new data.
+    let early = Exchange {
+        expect: vec!["IDLE".into()],
+        answer: vec![vec![
+            "* 4 EXISTS\r\n".into(),
+            "+ idling\r\n".into(),
+            "$T OK done\r\n".into(),
+        ]],
+    };
+    assert_eq!(
+        go(early, None, long, false).await.unwrap(),
+        IdleEnd::NewData
+    );
+    // Woken by us: DONE, OK.
+    assert_eq!(
+        go(idle(&["+ idling\r\n", "$T OK done\r\n"]), None, long, true)
+            .await
+            .unwrap(),
+        IdleEnd::Woken
+    );
+    // Time runs out.
+    assert_eq!(
+        go(
+            idle(&["+ idling\r\n", "$T OK done\r\n"]),
+            None,
+            Duration::from_millis(50),
+            false
+        )
+        .await
+        .unwrap(),
+        IdleEnd::Timeout
+    );
+    // The server hangs up after "+": an error.
+    let e = go(
+        idle(&["+ idling\r\n", "$T OK done\r\n"]),
+        Some(1),
+        long,
+        false,
+    )
+    .await;
+    assert!(e.is_err(), "{e:?}");
+    // BYE then close.
+    let e = go(idle(&["* BYE going down\r\n"]), None, long, false).await;
+    assert!(format!("{:#}", e.unwrap_err()).contains("going down"));
+}
+
+/// EXISTS during IDLE, with oddities first: the oddities are ignored and
+/// the EXISTS ends the IDLE. The server sends them after the "+" without
+/// waiting, so this exchange is scripted by hand.
+#[tokio::test]
+async fn idle_ends_on_exists_not_on_oddities() {
+    let (a, b) = tokio::io::duplex(1 << 16);
+    let server = tokio::spawn(async move {
+        let (r, mut w) = tokio::io::split(b);
+        let mut r = BufReader::new(r);
+        w.write_all(PREAUTH.as_bytes()).await.unwrap();
+        let mut line = String::new();
+        r.read_line(&mut line).await.unwrap();
+        let tag = line.split(' ').next().unwrap().to_string();
+        w.write_all(b"+ idling\r\n").await.unwrap();
+        for odd in ODDITIES
+            .iter()
+            .filter(|o| !o.contains("EXISTS") && !o.contains("EXPUNGE") && !o.contains("FETCH"))
+        {
+            w.write_all(odd.as_bytes()).await.unwrap();
+        }
+        w.write_all(b"* 12 EXISTS\r\n").await.unwrap();
+        let mut done = String::new();
+        r.read_line(&mut done).await.unwrap();
+        assert_eq!(done, "DONE\r\n");
+        w.write_all(format!("{tag} OK idle done\r\n").as_bytes())
+            .await
+            .unwrap();
+    });
+    let imap = session(a).await;
+    let (_, end) = imap
+        .idle(Duration::from_secs(30), &tokio::sync::Notify::new())
+        .await
+        .unwrap();
+    assert_eq!(end, IdleEnd::NewData);
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_malformed_search_result_is_an_error() {
+    let ex = Exchange {
+        expect: vec!["UID SEARCH UID 5:*".into()],
+        answer: vec![vec!["* SEARCH 5 six 7\r\n".into(), "$T OK done\r\n".into()]],
+    };
+    let e = run(Cmd::Search, ex, None).await.unwrap_err();
+    assert!(format!("{e}").contains("unreadable"), "{e}");
+}
+
+#[tokio::test]
+async fn a_message_over_the_limit_is_not_held() {
+    let big = "x".repeat(5000);
+    let ex = Exchange {
+        expect: vec!["UID FETCH 5 (UID RFC822.SIZE INTERNALDATE FLAGS BODY.PEEK[])".into()],
+        answer: vec![vec![
+            format!("* 1 FETCH (UID 5 BODY[] {{{}}}\r\n{big})\r\n", big.len()),
+            "$T OK done\r\n".into(),
+        ]],
+    };
+    let (a, b) = tokio::io::duplex(1 << 16);
+    let server = tokio::spawn(serve(b, PREAUTH, ex, None));
+    let t = Transport {
+        io: Box::new(a),
+        peer: "test".into(),
+        tunnel: None,
+        wire: WireStats::default(),
+    };
+    let mut imap = match establish(&account("max_message_size = 1024"), t, true).await {
+        Ok(i) => i,
+        Err(e) => panic!("{e}"),
+    };
+    let mut s = imap.fetch("5", FETCH_ITEMS).await.unwrap();
+    let f = s.next().await.unwrap().unwrap();
+    assert_eq!(
+        (f.uid, f.body_too_large(), f.body()),
+        (Some(5), Some(5000), None)
+    );
+    assert!(s.next().await.unwrap().is_none());
+    drop(imap);
+    server.await.unwrap();
+}
