@@ -4,7 +4,9 @@
 # (Postfix's smtp-sink), on 127.0.0.1; plus PullIMAP with TCP_NODELAY forced
 # by an LD_PRELOAD shim (pullimap-nd, bench/nodelay.c), and the limit, a
 # bare client that issues one UID FETCH 1:* and discards the bytes; imapull-2s
-# is imapull with two delivery sessions (BENCH_TOOLS picks tools). As root on Debian:
+# is imapull with two delivery sessions, imapull-base another build of imapull
+# named by IMAPULL_BASE (before/after a change; BENCH_TOOLS picks tools). As
+# root on Debian:
 #
 #   bench/run.sh [N] [RUNS] [MIX]     default: 1000 messages, 3 runs, realistic
 #   bench/run.sh memory               peak RSS: a 50 MB message among small
@@ -138,6 +140,12 @@ run_tool() {
         imapull-2s)
             rm -f "$work"/ledger.sqlite3*
             timed "$imapull" --config "$work/imapull-2s.toml" -q run
+            ;;
+        imapull-base)
+            # Another build of imapull (IMAPULL_BASE=path), the same config:
+            # before and after a change, in one run.
+            rm -f "$work"/ledger.sqlite3*
+            timed "$IMAPULL_BASE" --config "$work/imapull.toml" -q run
             ;;
         pullimap)
             rm -f "$work/pullimap.state"

@@ -719,11 +719,7 @@ async fn first_contact(
                 .await?;
             while let Some(f) = stream.next().await? {
                 if let Some(uid) = f.uid.filter(|u| seen.binary_search(u).is_ok()) {
-                    rows.push((
-                        uid,
-                        f.header().and_then(headers::message_id),
-                        f.size,
-                    ));
+                    rows.push((uid, f.header().and_then(headers::message_id), f.size));
                 }
             }
         }

@@ -1089,23 +1089,30 @@ mod tests {
             ).prop_map(|v| v.concat()),
             cut in 1usize..16,
         ) {
-            let mut f = Framer::new(20);
-            let mut buf = BytesMut::new();
-            let mut framed = 0usize;
-            for chunk in input.chunks(cut) {
-                buf.extend_from_slice(chunk);
-                loop {
-                    match f.next(&mut buf) {
-                        Ok(Some(fr)) => {
-                            framed += fr.bytes.len();
-                            let _ = parse(&fr);
+            // Frames whatever the reads, each parsed; the same frames
+            // whether the bytes come at once or cut into pieces.
+            let frames_of = |cut: usize| {
+                let mut f = Framer::new(20);
+                let mut buf = BytesMut::new();
+                let mut out = Vec::new();
+                for chunk in input.chunks(cut.max(1)) {
+                    buf.extend_from_slice(chunk);
+                    loop {
+                        match f.next(&mut buf) {
+                            Ok(Some(fr)) => {
+                                let _ = parse(&fr);
+                                out.push(fr.bytes.to_vec());
+                            }
+                            Ok(None) => break,
+                            Err(_) => return out,
                         }
-                        Ok(None) => break,
-                        Err(_) => return Ok(()),
                     }
                 }
-            }
-            proptest::prop_assert!(framed <= input.len());
+                out
+            };
+            let whole = frames_of(input.len());
+            proptest::prop_assert_eq!(&whole, &frames_of(cut));
+            proptest::prop_assert!(whole.iter().map(Vec::len).sum::<usize>() <= input.len());
         }
     }
 }

@@ -261,8 +261,7 @@ const ALL: &[Cmd] = &[
     Cmd::Noop,
 ];
 
-/// Runs `cmd` against `ex`; the result, and the connection's health after
-/// (a NOOP that the server answers when the exchange is over).
+/// Runs `cmd` against `ex` on a fresh session; returns what it returned.
 async fn run(cmd: Cmd, ex: Exchange, close_after: Option<usize>) -> Result<String> {
     let (a, b) = tokio::io::duplex(1 << 16);
     let server = tokio::spawn(serve(b, PREAUTH, ex, close_after));
