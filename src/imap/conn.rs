@@ -21,6 +21,14 @@ use crate::net::BoxIo;
 /// whole size at once instead.
 const READ_CHUNK: usize = 16 * 1024;
 
+/// Outside a literal, a read into less room than this grows the buffer
+/// first.
+const MIN_READ: usize = 4 * 1024;
+
+/// The most one read takes from the socket: the TLS layer's own buffer
+/// size, so one read drains it.
+const READ_WINDOW: usize = 64 * 1024;
+
 /// A command's outcome when it was not a tagged OK.
 #[derive(Debug, thiserror::Error)]
 pub enum ImapError {
@@ -166,8 +174,12 @@ impl Conn {
                     return Err(self.fail(ImapError::Frame { peer, what }));
                 }
             }
-            self.buf.reserve(self.framer.wanted().max(READ_CHUNK));
-            match self.io.read_buf(&mut self.buf).await {
+            self.make_room();
+            // One read fills at most READ_WINDOW: the layers below (TLS)
+            // zero the buffer they are handed, and handing them a whole
+            // 50 MB literal's space on every read would zero it each time.
+            let mut window = (&mut self.io).take(READ_WINDOW as u64);
+            match window.read_buf(&mut self.buf).await {
                 Ok(0) => {
                     let (peer, bye) = (self.peer.clone(), self.bye.clone());
                     return Err(self.fail(ImapError::Closed { peer, bye }));
@@ -178,6 +190,26 @@ impl Conn {
                     return Err(self.fail(ImapError::Io { peer, source }));
                 }
             }
+        }
+    }
+
+    /// Room for the next read. A buffer that must grow is replaced by one
+    /// of exactly the size the frame still needs (the rest of an announced
+    /// literal) plus a slack of half its line bytes (at least a read's
+    /// worth): a long line grows geometrically, and a 10 MB message costs
+    /// 10 MB, where growing a full buffer the usual way could double it.
+    fn make_room(&mut self) {
+        let len = self.buf.len();
+        let grow = grown_capacity(
+            len,
+            self.buf.capacity(),
+            self.framer.wanted(len),
+            self.framer.line_bytes(len),
+        );
+        if let Some(cap) = grow {
+            let mut fresh = BytesMut::with_capacity(cap);
+            fresh.extend_from_slice(&self.buf);
+            self.buf = fresh;
         }
     }
 
@@ -413,6 +445,18 @@ impl Conn {
     }
 }
 
+/// The capacity a read buffer must be replaced with before the next read,
+/// or None when it has room: `literal` is what the frame still needs of an
+/// announced literal, `line_bytes` the frame's line bytes so far.
+fn grown_capacity(len: usize, capacity: usize, literal: usize, line_bytes: usize) -> Option<usize> {
+    let spare = capacity - len;
+    if (literal == 0 && spare >= MIN_READ) || (literal > 0 && spare >= literal) {
+        return None;
+    }
+    let slack = (line_bytes / 2).max(READ_CHUNK);
+    Some(len + literal + slack)
+}
+
 fn stray(peer: &str, tag: &str) {
     tracing::debug!(
         peer,
@@ -453,6 +497,36 @@ pub fn quoted(s: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn buffer_growth() {
+        const MB: usize = 1 << 20;
+        // (len, capacity, literal still needed, line bytes) -> new capacity
+        type Row = ((usize, usize, usize, usize), Option<usize>);
+        let table: &[Row] = &[
+            // Room for a read: nothing to do.
+            ((100, 64 * 1024, 0, 100), None),
+            // A 10 MB literal announced: exactly it, plus a read's slack.
+            ((40, 4096, 10 * MB, 40), Some(40 + 10 * MB + READ_CHUNK)),
+            // The literal in, its closing line straddling a read: the
+            // slack follows the line bytes, not the 10 MB buffered.
+            (
+                (10 * MB + 40, 10 * MB + 41, 0, 40),
+                Some(10 * MB + 40 + READ_CHUNK),
+            ),
+            // A room the literal fits in: no copy.
+            ((1000, 20 * MB, 10 * MB, 60), None),
+            // A long line grows by half of itself.
+            ((4 * MB, 4 * MB + 100, 0, 4 * MB), Some(6 * MB)),
+        ];
+        for &((len, cap, lit, line), want) in table {
+            assert_eq!(
+                grown_capacity(len, cap, lit, line),
+                want,
+                "{len} {cap} {lit} {line}"
+            );
+        }
+    }
 
     #[test]
     fn quoting() {

@@ -84,10 +84,19 @@ impl Framer {
         }
     }
 
-    /// How many more bytes the current frame needs at least, as a hint for
-    /// reserving buffer space (a literal's size, once it is announced).
-    pub fn wanted(&self) -> usize {
-        self.literal_left
+    /// How many more bytes than `buffered` the current frame needs at
+    /// least (the rest of an announced literal), as a hint for reserving
+    /// buffer space once instead of growing it read by read.
+    pub fn wanted(&self, buffered: usize) -> usize {
+        (self.line_start + self.literal_left).saturating_sub(buffered)
+    }
+
+    /// Line bytes (literals not counted) of the current frame so far.
+    pub fn line_bytes(&self, buffered: usize) -> usize {
+        if self.literal_left > 0 {
+            return self.line_total;
+        }
+        self.line_total + buffered.saturating_sub(self.line_start)
     }
 
     /// Takes one complete response off the front of `buf`, or returns
