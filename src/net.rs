@@ -38,6 +38,57 @@ where
     }
 }
 
+/// How long one address may take to accept a TCP connection (directly or
+/// through a proxy). Long enough for a handshake across the world with a
+/// lost SYN or two (retransmits come after 1 and 3 s); short enough that a
+/// first address that does not answer (an IPv6 route that goes nowhere)
+/// costs seconds before the next is tried, not the whole timeout.
+pub const CONNECT_ATTEMPT: Duration = Duration::from_secs(10);
+
+/// The addresses `host` resolves to, in the resolver's order.
+pub async fn resolve(host: &str, port: u16) -> anyhow::Result<Vec<std::net::SocketAddr>> {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let addrs: Vec<_> = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| anyhow::anyhow!("resolving {host}: {e}"))?
+        .collect();
+    if addrs.is_empty() {
+        anyhow::bail!("{host} has no address");
+    }
+    Ok(addrs)
+}
+
+/// Tries `connect` on each of `addrs` in turn, each for at most
+/// [`CONNECT_ATTEMPT`] and all within `limit`, and returns the first that
+/// works; else an error naming every address and why it failed.
+pub async fn connect_each<T, F, Fut>(
+    peer: &str,
+    addrs: &[std::net::SocketAddr],
+    limit: Duration,
+    mut connect: F,
+) -> anyhow::Result<T>
+where
+    F: FnMut(std::net::SocketAddr) -> Fut,
+    Fut: Future<Output = anyhow::Result<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut failures = Vec::new();
+    for &addr in addrs {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            failures.push(format!("{addr}: not tried, {}s passed", limit.as_secs()));
+            continue;
+        }
+        let wait = left.min(CONNECT_ATTEMPT);
+        match tokio::time::timeout(wait, connect(addr)).await {
+            Ok(Ok(s)) => return Ok(s),
+            Ok(Err(e)) => failures.push(format!("{addr}: {e:#}")),
+            Err(_) => failures.push(format!("{addr}: no answer within {}s", wait.as_secs())),
+        }
+    }
+    anyhow::bail!("connecting to {peer}: {}", failures.join("; "))
+}
+
 /// A stream whose reads and writes fail with `TimedOut` after `limit`
 /// without progress. Unlike a timeout around a whole operation, it bounds
 /// silence, not size: a 50 MB FETCH over a slow link is fine as long as
@@ -182,6 +233,44 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleTimeout<T> {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test(start_paused = true)]
+    async fn every_address_is_tried_each_with_its_own_timeout() {
+        let v6: std::net::SocketAddr = "[::1]:993".parse().unwrap();
+        let v4: std::net::SocketAddr = "127.0.0.1:993".parse().unwrap();
+        // The first refuses: the second is tried at once.
+        let got = connect_each("h", &[v6, v4], Duration::from_secs(120), |a| async move {
+            if a.is_ipv6() {
+                anyhow::bail!("refused")
+            }
+            Ok(a)
+        })
+        .await
+        .unwrap();
+        assert_eq!(got, v4);
+        // The first never answers: the second after CONNECT_ATTEMPT, not
+        // after the whole limit.
+        let start = tokio::time::Instant::now();
+        let got = connect_each("h", &[v6, v4], Duration::from_secs(120), |a| async move {
+            if a.is_ipv6() {
+                std::future::pending::<()>().await;
+            }
+            Ok(a)
+        })
+        .await
+        .unwrap();
+        assert_eq!(got, v4);
+        assert_eq!(start.elapsed(), CONNECT_ATTEMPT);
+        // All fail: each is named with its reason; the limit bounds all.
+        let e = connect_each("h", &[v6, v4], Duration::from_secs(15), |_| async {
+            std::future::pending::<anyhow::Result<()>>().await
+        })
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("[::1]:993: no answer within 10s"), "{e}");
+        assert!(e.contains("127.0.0.1:993: no answer within 5s"), "{e}");
+    }
 
     #[tokio::test(start_paused = true)]
     async fn silence_times_out_but_slow_progress_does_not() {

@@ -338,9 +338,11 @@ impl Deliverer {
         let limit = self.timeout;
         let io: BoxIo = match &self.target.target {
             DeliverTarget::Tcp { host, port } => {
-                let s = timed(&peer, limit, TcpStream::connect((host.as_str(), *port)))
-                    .await
-                    .with_context(|| format!("connecting to {peer}"))?;
+                let addrs = crate::net::resolve(host, *port).await?;
+                let s = crate::net::connect_each(&peer, &addrs, limit, |a| async move {
+                    Ok(TcpStream::connect(a).await?)
+                })
+                .await?;
                 s.set_nodelay(true).ok();
                 Box::new(IdleTimeout::new(s, limit))
             }

@@ -19,7 +19,7 @@ use super::response::{Code, Data, Response, Status};
 use super::Imap;
 use crate::config::{Account, Connect, PasswordSource, Proxy, TlsMode};
 use crate::credentials::read_password;
-use crate::net::{timed, BoxIo, IdleTimeout, WireStats};
+use crate::net::{connect_each, resolve, timed, BoxIo, IdleTimeout, WireStats};
 use crate::secret::Secret;
 use crate::tunnel::{self, TunnelInfo};
 
@@ -355,28 +355,24 @@ fn with_exit_report(e: anyhow::Error, info: Option<&TunnelInfo>) -> anyhow::Erro
     }
 }
 
-/// TCP to the server, directly or through the SOCKS5 proxy.
+/// TCP to the server, directly or through the SOCKS5 proxy. Every address
+/// the name resolves to is tried in turn (see [`connect_each`]).
 async fn connect_tcp(account: &Account, proxy: Option<&Proxy>, peer: &str) -> Result<TcpStream> {
     let limit = account.imap_timeout;
     let host = account.host.trim_start_matches('[').trim_end_matches(']');
+    let port = account.port;
     let tcp = match proxy {
-        None => timed(peer, limit, TcpStream::connect((host, account.port)))
-            .await
-            .with_context(|| format!("connecting to {peer}"))?,
+        None => {
+            let addrs = resolve(host, port).await?;
+            connect_each(peer, &addrs, limit, |a| async move {
+                Ok(TcpStream::connect(a).await?)
+            })
+            .await?
+        }
         Some(p) => {
             let via = format!("{peer} through the SOCKS5 proxy {}:{}", p.host, p.port);
             let proxy_addr = (p.host.as_str(), p.port);
-            let fut = async {
-                // socks5h: the proxy resolves the name (Tor); socks5: we do.
-                let target: tokio_socks::TargetAddr<'_> = if p.remote_dns {
-                    tokio_socks::TargetAddr::Domain(host.into(), account.port)
-                } else {
-                    let addr = tokio::net::lookup_host((host, account.port))
-                        .await?
-                        .next()
-                        .ok_or_else(|| anyhow!("{host} has no address"))?;
-                    tokio_socks::TargetAddr::Ip(addr)
-                };
+            let through = |target: tokio_socks::TargetAddr<'static>| async move {
                 let s = match &p.auth {
                     None => tokio_socks::tcp::Socks5Stream::connect(proxy_addr, target).await?,
                     Some((user, pw)) => {
@@ -391,9 +387,20 @@ async fn connect_tcp(account: &Account, proxy: Option<&Proxy>, peer: &str) -> Re
                 };
                 Ok::<_, anyhow::Error>(s.into_inner())
             };
-            timed(peer, limit, fut)
-                .await
-                .with_context(|| format!("connecting to {via}"))?
+            if p.remote_dns {
+                // socks5h: the proxy resolves the name (Tor).
+                let target = tokio_socks::TargetAddr::Domain(host.to_string().into(), port);
+                timed(peer, limit, through(target))
+                    .await
+                    .with_context(|| format!("connecting to {via}"))?
+            } else {
+                // socks5: we resolve, and ask for each address in turn.
+                let addrs = resolve(host, port).await?;
+                connect_each(&via, &addrs, limit, |a| {
+                    through(tokio_socks::TargetAddr::Ip(a))
+                })
+                .await?
+            }
         }
     };
     tcp.set_nodelay(true).ok();

@@ -704,7 +704,7 @@ fn mail_session(s: TcpStream, caps: &str, state: &Mutex<MailState>) -> std::io::
 }
 
 /// A SOCKS5 proxy (RFC 1928) for tests: CONNECT only, to loopback only
-/// ("localhost" or 127.0.0.1), with user/password (RFC 1929) if `auth` is
+/// ("localhost", 127.0.0.1 or ::1; IPv4, IPv6 and name requests), with user/password (RFC 1929) if `auth` is
 /// set. Records the targets it was asked for.
 pub struct FakeSocks {
     pub port: u16,
@@ -778,6 +778,11 @@ fn socks_session(
             s.read_exact(&mut d)?;
             String::from_utf8_lossy(&d).into_owned()
         }
+        4 => {
+            let mut a = [0u8; 16];
+            s.read_exact(&mut a)?;
+            std::net::Ipv6Addr::from(a).to_string()
+        }
         _ => {
             s.write_all(&[5, 8, 0, 1, 0, 0, 0, 0, 0, 0])?;
             return Ok(());
@@ -788,11 +793,21 @@ fn socks_session(
     let port = u16::from_be_bytes(p);
     targets.lock().unwrap().push(format!("{host}:{port}"));
     // Loopback only: this proxy never reaches beyond the machine.
-    if host != "localhost" && host != "127.0.0.1" {
-        s.write_all(&[5, 2, 0, 1, 0, 0, 0, 0, 0, 0])?;
-        return Ok(());
-    }
-    let up = TcpStream::connect(("127.0.0.1", port))?;
+    let up = match host.as_str() {
+        "localhost" | "127.0.0.1" | "::1" => TcpStream::connect((host.as_str(), port)),
+        _ => {
+            s.write_all(&[5, 2, 0, 1, 0, 0, 0, 0, 0, 0])?;
+            return Ok(());
+        }
+    };
+    let up = match up {
+        Ok(up) => up,
+        Err(_) => {
+            // Connection refused (5), as a real proxy says it.
+            s.write_all(&[5, 5, 0, 1, 0, 0, 0, 0, 0, 0])?;
+            return Ok(());
+        }
+    };
     s.write_all(&[5, 0, 0, 1, 127, 0, 0, 1, p[0], p[1]])?;
     s.set_read_timeout(None)?;
     let (mut a, mut b) = (s.try_clone()?, up.try_clone()?);

@@ -400,6 +400,43 @@ pub fn imapull(config: &Path, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `/etc/hosts` as Debian 12 ships it: `localhost` is `::1` first.
+pub const HOSTS_DEBIAN: &str = "127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n";
+/// `/etc/hosts` as some machines have it: IPv4 only.
+pub const HOSTS_V4_ONLY: &str = "127.0.0.1 localhost\n";
+
+/// Runs imapull with `hosts` as its `/etc/hosts`, whatever the machine's
+/// says: in a private mount namespace (`unshare -m`, as root), the file
+/// bind-mounted over the real one. None where the machine cannot do that.
+pub fn imapull_with_hosts(config: &Path, args: &[&str], hosts: &str) -> Option<Output> {
+    let ok = Command::new("unshare")
+        .args(["-m", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("unshare -m is not available here: the /etc/hosts variant is not run");
+        return None;
+    }
+    let file = env().dir.join(format!("hosts-{}", unique()));
+    std::fs::write(&file, hosts).unwrap();
+    let out = Command::new("unshare")
+        .arg("-m")
+        .arg("sh")
+        .arg("-c")
+        .arg("mount --bind \"$0\" /etc/hosts && exec \"$@\"")
+        .arg(&file)
+        .arg(env!("CARGO_BIN_EXE_imapull"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env("NO_COLOR", "1")
+        .env_remove("IMAPULL_LOG")
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&file);
+    Some(out)
+}
+
 /// The exit code, with the output shown when it is not the expected one.
 #[track_caller]
 pub fn assert_exit(out: &Output, code: i32) {

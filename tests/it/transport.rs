@@ -164,9 +164,55 @@ fn socks5_resolves_locally() {
     drop_message(&case.user, 0, &message(0, "bob@remote.test", "x"), false);
     assert_exit(&case.run(&["run"]), 0);
     assert_eq!(
-        proxy.targets.lock().unwrap()[0],
-        format!("127.0.0.1:{}", env().imaps_port)
+        proxy.targets.lock().unwrap().last().unwrap(),
+        &format!("127.0.0.1:{}", env().imaps_port)
     );
+}
+
+/// Regression: on a stock Debian 12, `localhost` is `::1` first; imapull
+/// asked the proxy for that address only, and Dovecot listens on
+/// 127.0.0.1 only, so the run failed (exit 69). Every address is tried in
+/// turn, through the proxy and directly, to IMAP and to SMTP alike.
+#[test]
+fn localhost_resolving_to_ipv6_first_or_ipv4_only() {
+    for hosts in [HOSTS_DEBIAN, HOSTS_V4_ONLY] {
+        let proxy = FakeSocks::start(None);
+        let rcpt = new_recipient();
+        let smtp_by_name = format!("smtp://localhost:{}", env().smtp_port);
+        let case = Case::new(&smtp_by_name, &[&rcpt], "");
+        drop_message(
+            &case.user,
+            0,
+            &message(0, "bob@remote.test", "direct"),
+            false,
+        );
+        let Some(out) = imapull_with_hosts(&case.config, &["run"], hosts) else {
+            return;
+        };
+        assert_exit(&out, 0);
+        wait_delivered(&rcpt, 1);
+
+        use_proxy(&case, &format!("socks5://127.0.0.1:{}", proxy.port));
+        drop_message(
+            &case.user,
+            1,
+            &message(1, "bob@remote.test", "proxied"),
+            false,
+        );
+        let out = imapull_with_hosts(&case.config, &["run"], hosts).unwrap();
+        assert_exit(&out, 0);
+        wait_delivered(&rcpt, 2);
+        let targets = proxy.targets.lock().unwrap().clone();
+        let v4 = format!("127.0.0.1:{}", env().imaps_port);
+        assert_eq!(targets.last(), Some(&v4), "{hosts:?}: {targets:?}");
+        if hosts == HOSTS_DEBIAN {
+            assert_eq!(
+                targets[0],
+                format!("::1:{}", env().imaps_port),
+                "{targets:?}"
+            );
+        }
+    }
 }
 
 #[test]
