@@ -10,9 +10,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 
+echo "== installing what the demo needs (Debian packages: Dovecot, Postfix, build tools;"
+echo "   about a minute on a fresh machine, nothing when they are there)"
 scripts/install-deps.sh
-echo "== building imapull"
-cargo build --quiet
+echo "== building imapull (the first time, cargo downloads the crates and compiles"
+echo "   them: a few minutes on 2 cores; its progress follows)"
+cargo build
 imapull=$root/target/debug/imapull
 
 work=$(mktemp -d /tmp/imapull-demo.XXXXXX)
@@ -58,9 +61,17 @@ echo
 echo "== the config ($work/imapull.toml)"
 cat "$work/imapull.toml"
 echo
+# Sessions Postfix's smtpd has accepted so far, from its own log.
+smtp_sessions() {
+    sleep 1 # postlogd writes the log a moment later
+    grep -c 'smtpd\[[0-9]*\]: connect from' "$POSTFIX_DIR/maillog" 2>/dev/null || true
+}
+
 echo "== imapull run"
-"$imapull" --config "$work/imapull.toml" run
-echo "exit code: $?"
+start=$(smtp_sessions)
+first=0
+"$imapull" --config "$work/imapull.toml" run || first=$?
+echo "exit code: $first"
 
 # Postfix queues and then writes the Maildir: give it a moment.
 for _ in $(seq 1 50); do
@@ -77,14 +88,28 @@ done
 echo "... and $((n - 3)) more"
 echo
 echo "== flags on the IMAP server"
-doveadm -c "$DOVECOT_CONF" -f tab fetch -u demo 'uid flags' mailbox INBOX | head -9
-echo "... (every message is \\Seen now: 5 were read before, 25 were pulled)"
+flags=$(doveadm -c "$DOVECOT_CONF" -f tab fetch -u demo 'uid flags' mailbox INBOX)
+echo "$flags" | head -9
+total=$(echo "$flags" | tail -n +2 | wc -l)
+seen=$(echo "$flags" | tail -n +2 | grep -c '\\Seen' || true)
+echo "... $seen of $total messages are \\Seen (5 were read before the run)"
 echo
-echo "== imapull run, again: nothing new, no SMTP connection"
-"$imapull" --config "$work/imapull.toml" run
+echo "== imapull run, again: nothing new"
+before=$(smtp_sessions)
+first_sessions=$((before - start))
+second=0
+"$imapull" --config "$work/imapull.toml" run || second=$?
+after=$(smtp_sessions)
+echo "exit code: $second; SMTP sessions Postfix saw during this run: $((after - before))"
 echo
 echo "== imapull status (the ledger)"
 "$imapull" --config "$work/imapull.toml" status | head -8
 echo "..."
+echo
+echo "== summary"
+echo "first run:  exit $first, $n messages in Postfix's Maildir (25 were unread),"
+echo "            over $first_sessions SMTP session(s)"
+echo "            $seen of $total messages \\Seen on the server"
+echo "second run: exit $second, $((after - before)) SMTP sessions opened"
 echo
 echo "== stopping the throwaway servers"

@@ -6,6 +6,8 @@
 set -euo pipefail
 
 need=()
+# A minimal Debian has no CA certificates: cargo could not fetch crates.
+dpkg -s ca-certificates >/dev/null 2>&1 || need+=(ca-certificates)
 command -v pkg-config >/dev/null || need+=(pkg-config)
 dpkg -s libssl-dev >/dev/null 2>&1 || need+=(libssl-dev)
 command -v dovecot >/dev/null || need+=(dovecot-imapd dovecot-lmtpd)
@@ -24,6 +26,7 @@ if ((${#need[@]})); then
     fi
     export DEBIAN_FRONTEND=noninteractive
     echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+    echo "install-deps: installing ${need[*]}"
     apt-get update -qq
     # policy-rc.d keeps the packages from starting their system services.
     printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d

@@ -35,10 +35,13 @@ pub fn lock_path(ledger: &Path, account: &str) -> PathBuf {
 /// Takes the lock without waiting.
 pub fn try_lock(ledger: &Path, account: &str) -> Result<AccountLock> {
     let path = lock_path(ledger, account);
+    use std::os::unix::fs::OpenOptionsExt as _;
+    // 0600: anyone who can open the file can flock it, and so stop pulls.
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
         .open(&path)
         .with_context(|| format!("opening the lock file {}", path.display()))?;
     // SAFETY: flock on a valid, open descriptor; no memory is passed.
@@ -61,9 +64,11 @@ pub fn try_lock(ledger: &Path, account: &str) -> Result<AccountLock> {
 mod tests {
     #[test]
     fn second_lock_is_refused_until_released() {
-        let dir = std::env::temp_dir().join(format!("imapull-lock-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let ledger = dir.join("ledger.sqlite3");
+        let dir = tempfile::Builder::new()
+            .prefix("imapull-lock-")
+            .tempdir()
+            .unwrap();
+        let ledger = dir.path().join("ledger.sqlite3");
         let first = super::try_lock(&ledger, "a").unwrap();
         let e = super::try_lock(&ledger, "a").unwrap_err();
         assert!(e.downcast_ref::<super::Busy>().is_some(), "{e}");

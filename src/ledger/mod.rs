@@ -147,14 +147,45 @@ fn split_rcpts(s: Option<String>) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The ledger holds the addresses and subjects of people's mail: a
+/// directory imapull creates for it is 0700, and the file is created 0600
+/// (SQLite gives its -wal and -shm files the same mode). An existing file
+/// that others can read is made 0600, with a warning; an existing
+/// directory is the operator's (systemd's StateDirectory, say) and is
+/// left as it is.
+fn private_file(path: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating the ledger directory {}", dir.display()))?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("opening the ledger {}", path.display()))?;
+    let mode = file.metadata()?.permissions().mode();
+    if mode & 0o077 != 0 {
+        tracing::warn!(
+            "the ledger {} was readable by others (mode {:o}); made it 0600",
+            path.display(),
+            mode & 0o777
+        );
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(())
+}
+
 impl Ledger {
     /// Opens (creating if needed) the ledger at `path` and brings its schema
     /// up to date.
     pub fn open(path: &Path) -> Result<Ledger> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("creating the ledger directory {}", dir.display()))?;
-        }
+        private_file(path)?;
         let mut conn = Connection::open(path)
             .with_context(|| format!("opening the ledger {}", path.display()))?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
@@ -642,7 +673,7 @@ mod tests {
     #[test]
     fn record_upserts_and_counts_attempts() {
         let dir = tempdir();
-        let l = Ledger::open(&dir.join("l.sqlite3")).unwrap();
+        let l = Ledger::open(&dir.path().join("l.sqlite3")).unwrap();
         l.record(&attempt(5, State::Deferred, &["x@y"])).unwrap();
         assert_eq!(
             l.pending("a", "INBOX", 7).unwrap(),
@@ -665,7 +696,7 @@ mod tests {
     #[test]
     fn reopen_keeps_schema_and_data() {
         let dir = tempdir();
-        let p = dir.join("l.sqlite3");
+        let p = dir.path().join("l.sqlite3");
         Ledger::open(&p)
             .unwrap()
             .record(&attempt(1, State::Rejected, &[]))
@@ -678,7 +709,7 @@ mod tests {
     #[test]
     fn state_check_constraint() {
         let dir = tempdir();
-        let l = Ledger::open(&dir.join("l.sqlite3")).unwrap();
+        let l = Ledger::open(&dir.path().join("l.sqlite3")).unwrap();
         let r = l.conn.execute(
             "INSERT INTO message (account, mailbox, uidvalidity, uid, state, attempts,
                first_seen_at, updated_at, flagged) VALUES ('a','b',1,1,'gone',0,0,0,0)",
@@ -687,14 +718,31 @@ mod tests {
         assert!(r.is_err());
     }
 
-    fn tempdir() -> PathBuf {
-        let d = std::env::temp_dir().join(format!(
-            "imapull-ledger-test-{}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
+    /// Removed when dropped, also when the test fails.
+    fn tempdir() -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix("imapull-ledger-test-")
+            .tempdir()
+            .unwrap()
+    }
+
+    #[test]
+    fn ledger_files_are_private() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempdir();
+        let p = dir.path().join("new/dir/l.sqlite3");
+        let l = Ledger::open(&p).unwrap();
+        l.record(&attempt(1, State::Delivered, &["x@y"])).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir.path().join("new")), 0o700);
+        assert_eq!(mode(&dir.path().join("new/dir")), 0o700);
+        assert_eq!(mode(&p), 0o600);
+        let wal = p.with_extension("sqlite3-wal");
+        assert_eq!(mode(&wal), 0o600);
+        drop(l);
+        // An existing ledger that others could read is tightened.
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        Ledger::open(&p).unwrap();
+        assert_eq!(mode(&p), 0o600);
     }
 }
