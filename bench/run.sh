@@ -100,7 +100,7 @@ password = "secret"
 deliver = "smtp://127.0.0.1:$sink_port"
 recipients = ["bench@example.test"]
 initial = "all"
-compress = ${COMPRESS:-false}
+compress = ${COMPRESS:-\"auto\"}
 CONF
     chmod 600 "$work/imapull.toml"
     # imapull-2s: two delivery sessions instead of the default one.

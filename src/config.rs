@@ -68,7 +68,7 @@ pub struct RawAccount {
     pub password: Option<String>,
     pub password_file: Option<PathBuf>,
     pub password_command: Option<Vec<String>>,
-    pub compress: Option<bool>,
+    pub compress: Option<Compress>,
     pub max_message_size: Option<ByteSize>,
     pub mailboxes: Option<Vec<RawMailbox>>,
     pub deliver: Option<String>,
@@ -147,6 +147,42 @@ impl<'de> Deserialize<'de> for HumanDuration {
         humantime::parse_duration(s.trim())
             .map(HumanDuration)
             .map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))
+    }
+}
+
+/// When COMPRESS=DEFLATE (RFC 4978) is used, if the server offers it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compress {
+    /// A pass's connection, when the link is slow and there is enough to
+    /// fetch for it to pay; never a connection that will IDLE.
+    Auto,
+    /// Every pass's connection (`true`); never a connection that will IDLE.
+    Passes,
+    /// Never (`false`).
+    Never,
+    /// Every connection, IDLE ones too (Dovecot then cannot hibernate them).
+    Always,
+}
+
+impl<'de> Deserialize<'de> for Compress {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            B(bool),
+            S(String),
+        }
+        Ok(match Raw::deserialize(d)? {
+            Raw::B(true) => Compress::Passes,
+            Raw::B(false) => Compress::Never,
+            Raw::S(s) if s == "auto" => Compress::Auto,
+            Raw::S(s) if s == "always" => Compress::Always,
+            Raw::S(s) => {
+                return Err(serde::de::Error::custom(format!(
+                    "invalid compress {s:?} (use \"auto\", true, false or \"always\")"
+                )))
+            }
+        })
     }
 }
 
@@ -313,7 +349,7 @@ pub struct Account {
     pub tls_pin_sha256: Option<Vec<u8>>,
     pub username: String,
     pub password: PasswordSource,
-    pub compress: bool,
+    pub compress: Compress,
     /// Messages larger than this are quarantined unfetched (bytes).
     pub max_message_size: u64,
     pub mailboxes: Vec<MailboxConfig>,
@@ -772,7 +808,7 @@ fn common(
         tls_pin_sha256,
         username,
         password,
-        compress: a.compress.unwrap_or(true),
+        compress: a.compress.unwrap_or(Compress::Auto),
         max_message_size,
         mailboxes,
         deliver,
@@ -1013,6 +1049,21 @@ recipients = ["me@example.org"]
     }
 
     #[test]
+    fn compress_values() {
+        for (v, want) in [
+            ("true", Compress::Passes),
+            ("false", Compress::Never),
+            ("\"auto\"", Compress::Auto),
+            ("\"always\"", Compress::Always),
+        ] {
+            let c = parse(&format!("{MIN}compress = {v}\n")).unwrap();
+            assert_eq!(c.accounts[0].compress, want, "{v}");
+        }
+        let e = parse(&format!("{MIN}compress = \"yes\"\n")).unwrap_err().0;
+        assert!(e.contains("compress") && e.contains("auto"), "{e}");
+    }
+
+    #[test]
     fn minimal_config_gets_defaults() {
         let c = parse(MIN).unwrap();
         let a = &c.accounts[0];
@@ -1027,7 +1078,8 @@ recipients = ["me@example.org"]
         );
         assert_eq!(a.purge_max, 500);
         assert_eq!(a.purge_interval, Duration::from_secs(3600));
-        assert!(a.mark_seen && a.add_received && a.compress);
+        assert!(a.mark_seen && a.add_received);
+        assert_eq!(a.compress, Compress::Auto);
         assert_eq!(a.initial, Initial::Unseen);
         assert_eq!(a.sender, SenderPolicy::Auto);
         assert_eq!(

@@ -447,6 +447,11 @@ async fn serve(
     };
     // IDLE watches the selected mailbox only: a shared connection polls.
     let idle = spec.mailboxes.len() == 1 && imap.has("IDLE");
+    if idle {
+        // Kept uncompressed (short of compress = "always"), so that the
+        // server can hibernate it while it idles.
+        imap.mark_for_idle();
+    }
     loop {
         for mb in &spec.mailboxes {
             let work = work_mailbox(&ctx, &mut imap, &mut sessions, mb, Mode::Pull).await;

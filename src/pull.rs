@@ -296,6 +296,9 @@ async fn fetch_and_deliver(
                 HashMap::new()
             };
             let max = ctx.account.max_message_size;
+            // COMPRESS, if the link is slow and this much pays for it.
+            let bytes: u64 = sizes.values().filter(|s| **s <= max).sum();
+            imap.compress_for(bytes).await?;
             // Too large by RFC822.SIZE: recorded as rejected, never
             // fetched. (One without a known size is caught by the
             // literal's announced size instead.)

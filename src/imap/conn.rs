@@ -29,6 +29,17 @@ const MIN_READ: usize = 4 * 1024;
 /// size, so one read drains it.
 const READ_WINDOW: usize = 64 * 1024;
 
+/// Standard responses imapull has no use for: not worth a debug line.
+const ROUTINE: &[&str] = &[
+    "FLAGS",
+    "RECENT",
+    "STATUS",
+    "LSUB",
+    "ENABLED",
+    "ID",
+    "NAMESPACE",
+];
+
 /// A command's outcome when it was not a tagged OK.
 #[derive(Debug, thiserror::Error)]
 pub enum ImapError {
@@ -113,6 +124,7 @@ pub struct Conn {
     bye: Option<String>,
     /// LITERAL+ or LITERAL- (RFC 7888): literals need not wait for "+".
     pub literal_plus: bool,
+    min_rtt: Option<std::time::Duration>,
 }
 
 impl Conn {
@@ -128,6 +140,7 @@ impl Conn {
             broken: None,
             bye: None,
             literal_plus: false,
+            min_rtt: None,
         }
     }
 
@@ -238,8 +251,19 @@ impl Conn {
         parts: &[Part<'_>],
         mut on_data: impl FnMut(Data) -> Result<(), String>,
     ) -> Result<Done, ImapError> {
+        let started = std::time::Instant::now();
         let tag = self.send(what, parts, &mut on_data).await?;
-        self.finish(what, &tag, on_data).await
+        let done = self.finish(what, &tag, on_data).await?;
+        let took = started.elapsed();
+        self.min_rtt = Some(self.min_rtt.map_or(took, |m| m.min(took)));
+        Ok(done)
+    }
+
+    /// The shortest time a command took from its sending to its tagged
+    /// reply: the round trip to the server, end to end (through a tunnel,
+    /// a proxy or a port forward), plus the least work the server did.
+    pub fn min_rtt(&self) -> Option<std::time::Duration> {
+        self.min_rtt
     }
 
     /// Writes a tagged command; literals wait for the server's "+" unless
@@ -317,12 +341,16 @@ impl Conn {
             match self.read().await? {
                 Response::Data(d) => {
                     if let Data::Other { keyword } = &d {
-                        tracing::debug!(
-                            peer = self.peer,
-                            what,
-                            keyword,
-                            "ignoring an unknown response"
-                        );
+                        if ROUTINE.contains(&keyword.as_str()) {
+                            tracing::trace!(peer = self.peer, what, keyword, "not needed");
+                        } else {
+                            tracing::debug!(
+                                peer = self.peer,
+                                what,
+                                keyword,
+                                "ignoring an unknown response"
+                            );
+                        }
                     }
                     return Ok(Step::Data(d));
                 }
@@ -416,20 +444,13 @@ impl Conn {
         (self.io, self.buf)
     }
 
-    /// A connection over a new stream, keeping the tag counter.
-    pub fn rewrap(self, f: impl FnOnce(BoxIo, BytesMut) -> BoxIo, max_literal: u64) -> Conn {
-        let Conn {
-            io,
-            buf,
-            next_tag,
-            peer,
-            literal_plus,
-            ..
-        } = self;
-        let mut c = Conn::new(f(io, buf), peer, max_literal);
-        c.next_tag = next_tag;
-        c.literal_plus = literal_plus;
-        c
+    /// Puts a new stream under this connection (COMPRESS): `f` gets the
+    /// old one and the bytes already read past the last response.
+    pub fn rewrap(&mut self, f: impl FnOnce(BoxIo, BytesMut) -> BoxIo) {
+        let (placeholder, _) = tokio::io::duplex(1);
+        let io = std::mem::replace(&mut self.io, Box::new(placeholder));
+        let buf = std::mem::take(&mut self.buf);
+        self.io = f(io, buf);
     }
 
     /// The read buffer's capacity, for the memory figures.

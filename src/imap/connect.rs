@@ -13,11 +13,10 @@ use std::sync::atomic::Ordering;
 use anyhow::{anyhow, bail, Context as _, Result};
 use tokio::net::TcpStream;
 
-use super::compress::Deflate;
 use super::conn::{quoted, Conn, Done, ImapError, Part, Step};
 use super::response::{Code, Data, Response, Status};
 use super::Imap;
-use crate::config::{Account, Connect, PasswordSource, Proxy, TlsMode};
+use crate::config::{Account, Compress, Connect, PasswordSource, Proxy, TlsMode};
 use crate::credentials::read_password;
 use crate::net::{connect_each, resolve, timed, BoxIo, IdleTimeout, WireStats};
 use crate::secret::Secret;
@@ -315,7 +314,8 @@ async fn login_command(conn: &mut Conn, user: &str, password: &Secret) -> Result
     .await
 }
 
-/// After authentication: COMPRESS if wanted.
+/// After authentication: COMPRESS at once with `compress = "always"`;
+/// otherwise a pass decides ([`Imap::compress_for`]).
 async fn ready(
     account: &Account,
     mut conn: Conn,
@@ -323,29 +323,23 @@ async fn ready(
     wire: WireStats,
     tunnel: Option<TunnelInfo>,
 ) -> Result<Imap, ConnectError> {
-    let mut compressed = false;
-    if account.compress && caps.contains("COMPRESS=DEFLATE") {
-        conn.run("COMPRESS", &[Part::Text("COMPRESS DEFLATE")], |_| Ok(()))
-            .await
-            .map_err(unavailable)?;
-        conn = conn.rewrap(
-            |io, already| Box::new(Deflate::new(io, already)),
-            account.max_message_size,
-        );
-        compressed = true;
-        tracing::debug!(peer = conn.peer, "COMPRESS=DEFLATE active");
-    }
     conn.literal_plus = caps.contains("LITERAL+") || caps.contains("LITERAL-");
     let normal_limit = wire.limit_ms.load(Ordering::Relaxed);
-    Ok(Imap {
+    let mut imap = Imap {
         peer: conn.peer.clone(),
         conn,
         caps,
         tunnel,
         wire,
         normal_limit,
-        compressed,
-    })
+        compressed: false,
+        compress: account.compress,
+        will_idle: false,
+    };
+    if account.compress == Compress::Always {
+        imap.compress_for(0).await.map_err(unavailable)?;
+    }
+    Ok(imap)
 }
 
 fn with_exit_report(e: anyhow::Error, info: Option<&TunnelInfo>) -> anyhow::Error {

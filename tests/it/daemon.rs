@@ -9,13 +9,13 @@ use crate::harness::*;
 
 /// A running daemon whose log goes to a file; killed if still running
 /// when dropped.
-struct Daemon {
+pub struct Daemon {
     child: Child,
     log: PathBuf,
 }
 
 impl Daemon {
-    fn start(case: &Case) -> Daemon {
+    pub fn start(case: &Case) -> Daemon {
         let log = case.dir.join(format!("daemon-{}.log", unique()));
         let child = Command::new(env!("CARGO_BIN_EXE_imapull"))
             .arg("--config")
@@ -37,7 +37,7 @@ impl Daemon {
 
     /// Waits until `what` appears `n` times in the log.
     #[track_caller]
-    fn wait_log(&self, what: &str, n: usize) {
+    pub fn wait_log(&self, what: &str, n: usize) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while self.log().matches(what).count() < n {
             assert!(
@@ -54,7 +54,7 @@ impl Daemon {
         unsafe { libc::kill(self.child.id() as i32, sig) };
     }
 
-    fn stop(mut self) -> (Option<i32>, String) {
+    pub fn stop(mut self) -> (Option<i32>, String) {
         self.signal(libc::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(40);
         loop {

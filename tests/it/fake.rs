@@ -382,6 +382,8 @@ pub struct MailState {
     pub chatty: bool,
     /// During the next FETCH of bodies, this UID is expunged.
     pub expunge_mid_fetch: Option<u32>,
+    /// Wait this long before every reply: a server across a slow link.
+    pub delay: Duration,
 }
 
 /// An injected answer to one command.
@@ -525,6 +527,12 @@ fn mail_session(s: TcpStream, caps: &str, state: &Mutex<MailState>) -> std::io::
                 }
                 Fault::Drop => return Ok(()),
             }
+        }
+        if !st.delay.is_zero() {
+            let d = st.delay;
+            drop(st);
+            std::thread::sleep(d);
+            st = state.lock().unwrap();
         }
         if st.chatty {
             w.write_all(CHATTER.as_bytes())?;

@@ -5,6 +5,7 @@
 mod fake;
 mod harness;
 
+mod compress;
 mod daemon;
 mod faults;
 mod imap_faults;
