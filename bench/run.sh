@@ -13,6 +13,8 @@
 #                                     ones; 1,000 vs 50,000 small messages
 #   bench/run.sh accounts             20 accounts at once, and nothing new
 #   bench/run.sh compress [N] [MIX]   bytes on the wire with and without DEFLATE
+#   bench/run.sh stop [N]             a daemon on N (1000) idling accounts:
+#                                     its RSS, Dovecot's processes, SIGTERM time
 #   bench/run.sh receivers [N] [RUNS] imapull into Postfix and Dovecot LMTP,
 #                                     one and two delivery sessions
 #
@@ -38,13 +40,20 @@ tools=$root/target/release/examples/bench-tools
 
 work=$(mktemp -d /tmp/imapull-bench.XXXXXX)
 sink_pid=
+inotify_was=
 cleanup() {
     [[ -n $sink_pid ]] && kill "$sink_pid" 2>/dev/null || true
+    [[ -n $inotify_was ]] && echo "$inotify_was" > /proc/sys/fs/inotify/max_user_instances
     "$root/scripts/testenv.sh" stop "$work" || true
     rm -rf "$work" "$nodelay"
 }
 trap cleanup EXIT
 
+if [[ ${1:-} == stop ]]; then
+    # One Dovecot user per account, and room for a thousand sessions.
+    export TESTENV_USERS=${2:-1000} TESTENV_PROCESS_LIMIT=2000 TESTENV_CLIENT_LIMIT=4000
+    export TESTENV_HIBERNATE=1
+fi
 scripts/testenv.sh start "$work" >/dev/null
 # shellcheck disable=SC1091
 source "$work/env"
@@ -315,7 +324,65 @@ receivers() {
     done
 }
 
+# One daemon on N accounts of one Dovecot that hibernates idle sessions:
+# once every mailbox idles, the daemon's RSS, Dovecot's processes, and how
+# long SIGTERM takes to end the daemon.
+stop_time() {
+    local n=$1 conf=$work/stop.toml i pid procs hib rss t0 t1
+    DOVECOT_LOG_FILE=$work/dovecot/log
+    # Dovecot runs every test user as nobody, and a session without inotify
+    # cannot be hibernated: raise the per-user limit for this run only.
+    inotify_was=$(cat /proc/sys/fs/inotify/max_user_instances)
+    if ((inotify_was < 2 * n + 256)); then
+        echo $((2 * n + 256)) > /proc/sys/fs/inotify/max_user_instances
+    fi
+    {
+        echo "ledger = \"$work/stop.sqlite3\""
+        echo "[defaults]"
+        echo "host = \"localhost\""
+        echo "port = $IMAPS_PORT"
+        echo "ca_file = \"$CA_FILE\""
+        echo "password = \"secret\""
+        echo "deliver = \"smtp://127.0.0.1:$sink_port\""
+        echo "recipients = [\"bench@example.test\"]"
+        echo "compress = ${COMPRESS:-\"auto\"}"
+        for i in $(seq 0 $((n - 1))); do
+            printf '[accounts.u%d]\nusername = "u%d"\n' "$i" "$i"
+        done
+    } > "$conf"
+    chmod 600 "$conf"
+    for i in $(seq 0 $((n - 1))); do scripts/testenv.sh adduser "$work" "u$i"; done
+    # IMAPULL_BASE: another build, for before and after a change.
+    "${IMAPULL_BASE:-$imapull}" --config "$conf" daemon 2> "$work/daemon.log" &
+    pid=$!
+    # Every account connected and idling, and Dovecot done hibernating.
+    for i in $(seq 1 180); do
+        sleep 1
+        procs=$(pgrep -c -x imap || true)
+        hib=$(pgrep -c -x imap-hibernate || true)
+        if ((hib > 0 && procs < 10)) && (($(grep -c 'first pass of this mailbox' "$work/daemon.log") >= n)); then
+            break
+        fi
+    done
+    sleep 3
+    procs=$(pgrep -c -x imap || true)
+    hib=$(pgrep -c -x imap-hibernate || true)
+    rss=$(ps -o rss= -p "$pid")
+    t0=$(date +%s.%N)
+    kill -TERM "$pid"
+    wait "$pid" || echo "bench: the daemon exited $?" >&2
+    t1=$(date +%s.%N)
+    printf '%d accounts idling: daemon RSS %.1f MB; Dovecot: %d imap, %d imap-hibernate processes\n' \
+        "$n" "$(awk -v k="$rss" 'BEGIN {print k / 1024}')" "$procs" "$hib"
+    printf 'SIGTERM to exit: %.2f s\n' "$(awk -v a="$t0" -v b="$t1" 'BEGIN {print b - a}')"
+    grep -iE 'error|fatal|warning' "$DOVECOT_LOG_FILE" 2>/dev/null | sort | uniq -c | sort -rn | head -5 || true
+}
+
 case ${1:-} in
+    stop)
+        echo "== one daemon on ${2:-1000} accounts of a hibernating Dovecot"
+        stop_time "${2:-1000}"
+        ;;
     compress)
         echo "== COMPRESS=DEFLATE off and on, ${2:-1000} messages (${3:-realistic} mix)"
         compress "${2:-1000}" "${3:-realistic}"

@@ -28,7 +28,7 @@ use tracing::Instrument as _;
 
 use crate::config::{Account, Config, MailboxConfig};
 use crate::deliver::Sessions;
-use crate::imap::{ConnectError, Imap};
+use crate::imap::{ConnectError, IdleEnd, Imap};
 use crate::ledger::{Ledger, LedgerHandle};
 use crate::lock::{self, AccountLock};
 use crate::pull::Ctx;
@@ -485,9 +485,12 @@ async fn serve(
             // Re-issued before idle_timeout, and a pass at least every
             // catchup_interval: an IDLE that died silently costs minutes.
             let wait = account.idle_timeout.min(account.catchup_interval);
-            let (i, end) = imap.idle(wait, wake).await?;
+            let (i, end) = imap.idle(wait, wake, stop).await?;
             imap = i;
             tracing::debug!(?end, "IDLE ended");
+            if end == IdleEnd::Stopped {
+                return Ok(());
+            }
         } else {
             let wait = account.poll_interval.min(account.catchup_interval);
             tokio::select! {

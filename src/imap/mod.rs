@@ -45,6 +45,12 @@ const MAX_SET_LEN: usize = 4000;
 /// up a stop.
 const LOGOUT_WAIT: Duration = Duration::from_secs(5);
 
+/// How long a stopping daemon waits for the reply to the DONE and LOGOUT
+/// it sends an idling connection. A server that hibernated a thousand
+/// sessions must wake each one to answer; the work is recorded already,
+/// so the connection is dropped after this (SIGTERM stays under 2 s).
+const STOP_LOGOUT_WAIT: Duration = Duration::from_millis(500);
+
 /// A logged-in IMAP connection.
 pub struct Imap {
     conn: Conn,
@@ -104,8 +110,11 @@ pub enum IdleEnd {
     NewData,
     /// The wait ran out: time for a catch-up pass.
     Timeout,
-    /// We ended it (pull now, stop).
+    /// We ended it (pull now).
     Woken,
+    /// We ended it to stop: DONE and LOGOUT have been sent; the connection
+    /// is over.
+    Stopped,
 }
 
 /// What SELECT tells a pass.
@@ -183,11 +192,14 @@ impl Imap {
 
     /// IDLE (RFC 2177) for at most `wait`, or until `wake` is notified.
     /// Consumes the connection and gives it back after DONE. A connection
-    /// that closes while idling is an error, never a wake-up.
+    /// that closes while idling is an error, never a wake-up. Woken while
+    /// `stop` is set, it sends DONE and LOGOUT at once and ends
+    /// ([`IdleEnd::Stopped`]).
     pub async fn idle(
         mut self,
         wait: Duration,
         wake: &tokio::sync::Notify,
+        stop: &std::sync::atomic::AtomicBool,
     ) -> Result<(Imap, IdleEnd)> {
         let peer = self.peer.clone();
         // While idling the server may be silent up to its keepalive
@@ -197,7 +209,7 @@ impl Imap {
             Ordering::Relaxed,
         );
         self.conn.shrink();
-        let r = self.idle_inner(wait, wake).await;
+        let r = self.idle_inner(wait, wake, stop).await;
         self.wire
             .limit_ms
             .store(self.normal_limit, Ordering::Relaxed);
@@ -205,7 +217,12 @@ impl Imap {
         Ok((self, end))
     }
 
-    async fn idle_inner(&mut self, wait: Duration, wake: &tokio::sync::Notify) -> Result<IdleEnd> {
+    async fn idle_inner(
+        &mut self,
+        wait: Duration,
+        wake: &tokio::sync::Notify,
+        stop: &std::sync::atomic::AtomicBool,
+    ) -> Result<IdleEnd> {
         let what = "IDLE";
         let mut news = false;
         let mut note = |d: Data| {
@@ -236,6 +253,22 @@ impl Imap {
                 }
             }
         };
+        if end == IdleEnd::Woken && stop.load(Ordering::SeqCst) {
+            // DONE and LOGOUT in one write; the replies are waited for
+            // briefly, and need not come.
+            let mut ignore = |_| Ok(());
+            self.conn.write(b"DONE\r\n").await?;
+            let logout = self
+                .conn
+                .send("LOGOUT", &[Part::Text("LOGOUT")], &mut ignore)
+                .await?;
+            let _ = tokio::time::timeout(STOP_LOGOUT_WAIT, async {
+                self.conn.finish(what, &tag, |_| Ok(())).await?;
+                self.conn.finish("LOGOUT", &logout, |_| Ok(())).await
+            })
+            .await;
+            return Ok(IdleEnd::Stopped);
+        }
         self.conn.write(b"DONE\r\n").await?;
         self.conn.finish(what, &tag, |_| Ok(())).await?;
         Ok(end)

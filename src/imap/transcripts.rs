@@ -502,9 +502,12 @@ async fn idle_transcripts() {
         if wake {
             notify.notify_one();
         }
-        let r = tokio::time::timeout(Duration::from_secs(10), imap.idle(wait, &notify))
-            .await
-            .expect("hung");
+        let r = tokio::time::timeout(
+            Duration::from_secs(10),
+            imap.idle(wait, &notify, &std::sync::atomic::AtomicBool::new(false)),
+        )
+        .await
+        .expect("hung");
         let r = r.map(|(_, end)| end);
         let _ = server.await;
         r
@@ -587,7 +590,11 @@ async fn idle_ends_on_exists_not_on_oddities() {
     });
     let imap = session(a).await;
     let (_, end) = imap
-        .idle(Duration::from_secs(30), &tokio::sync::Notify::new())
+        .idle(
+            Duration::from_secs(30),
+            &tokio::sync::Notify::new(),
+            &std::sync::atomic::AtomicBool::new(false),
+        )
         .await
         .unwrap();
     assert_eq!(end, IdleEnd::NewData);
@@ -635,4 +642,56 @@ async fn a_message_over_the_limit_is_not_held() {
     assert!(s.next().await.unwrap().is_none());
     drop(imap);
     server.await.unwrap();
+}
+
+/// A stop while idling: DONE and LOGOUT go out in one write, and a server
+/// that does not answer (a hibernated session it must wake first) holds
+/// the stop up for half a second at most.
+#[tokio::test]
+async fn a_stop_while_idling_sends_done_and_logout_and_does_not_wait_long() {
+    for answers in [true, false] {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let server = tokio::spawn(async move {
+            let (r, mut w) = tokio::io::split(b);
+            let mut r = BufReader::new(r);
+            w.write_all(PREAUTH.as_bytes()).await.unwrap();
+            let mut line = String::new();
+            r.read_line(&mut line).await.unwrap();
+            let tag = line.split(' ').next().unwrap().to_string();
+            w.write_all(b"+ idling\r\n").await.unwrap();
+            let (mut done, mut logout) = (String::new(), String::new());
+            r.read_line(&mut done).await.unwrap();
+            r.read_line(&mut logout).await.unwrap();
+            if answers {
+                let t2 = logout.split(' ').next().unwrap().to_string();
+                let reply = format!("{tag} OK done\r\n* BYE bye\r\n{t2} OK bye\r\n");
+                w.write_all(reply.as_bytes()).await.unwrap();
+            } else {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+            (done, logout)
+        });
+        let imap = session(a).await;
+        let wake = tokio::sync::Notify::new();
+        let stop = std::sync::atomic::AtomicBool::new(true);
+        wake.notify_one();
+        let started = std::time::Instant::now();
+        let (_, end) = imap
+            .idle(Duration::from_secs(30), &wake, &stop)
+            .await
+            .unwrap();
+        assert_eq!(end, IdleEnd::Stopped);
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        if answers {
+            let (done, logout) = server.await.unwrap();
+            assert_eq!(done, "DONE\r\n");
+            assert!(logout.ends_with(" LOGOUT\r\n"), "{logout}");
+        } else {
+            server.abort();
+        }
+    }
 }
