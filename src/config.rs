@@ -32,6 +32,14 @@ const DEFAULT_DELIVERY_SESSIONS: u32 = 1;
 /// small server its memory. A bigger message is quarantined, not fetched.
 const DEFAULT_MAX_MESSAGE_SIZE: u64 = 150 << 20;
 
+/// The daemon's first retry of deferred mail: soon enough that a local
+/// server back from a restart gets the mail within a minute, late enough
+/// not to hammer one that is still down. Doubled up to [`DEFAULT_RETRY_MAX`],
+/// as an MTA's queue does.
+const DEFAULT_RETRY_INTERVAL: Duration = Duration::from_secs(30);
+/// The longest wait between two retries of deferred mail.
+const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(600);
+
 /// How many accounts one run works on at once, by default. Each holds one
 /// IMAP and one delivery connection; eight makes twenty small mailboxes
 /// take about as long as three, without flooding the local server.
@@ -88,6 +96,8 @@ pub struct RawAccount {
     pub idle_timeout: Option<HumanDuration>,
     pub poll_interval: Option<HumanDuration>,
     pub catchup_interval: Option<HumanDuration>,
+    pub retry_interval: Option<HumanDuration>,
+    pub retry_max: Option<HumanDuration>,
     pub max_connections: Option<u32>,
 }
 
@@ -377,6 +387,11 @@ pub struct Account {
     pub poll_interval: Duration,
     /// Daemon: how often an idling mailbox is checked anyway.
     pub catchup_interval: Duration,
+    /// Daemon: the first retry of deferred mail comes this long after the
+    /// pass that deferred it, each next one twice as long after...
+    pub retry_interval: Duration,
+    /// ...up to this.
+    pub retry_max: Duration,
     /// Daemon: IMAP connections per account at most.
     pub max_connections: u32,
 }
@@ -505,6 +520,8 @@ fn merge(d: &RawAccount, a: RawAccount) -> RawAccount {
         idle_timeout,
         poll_interval,
         catchup_interval,
+        retry_interval,
+        retry_max,
         max_connections
     )
 }
@@ -790,6 +807,14 @@ fn common(
     if max_message_size < 1024 {
         return Err(here("max_message_size", "must be at least 1K".into()));
     }
+    let retry_interval = a.retry_interval.map_or(DEFAULT_RETRY_INTERVAL, |d| d.0);
+    let retry_max = a.retry_max.map_or(DEFAULT_RETRY_MAX, |d| d.0);
+    if retry_interval.is_zero() {
+        return Err(here("retry_interval", "must be longer than 0".into()));
+    }
+    if retry_max < retry_interval {
+        return Err(here("retry_max", "must be at least retry_interval".into()));
+    }
     let max_deferrals = a.max_deferrals.unwrap_or(5);
     if max_deferrals == 0 {
         return Err(here("max_deferrals", "must be at least 1".into()));
@@ -830,6 +855,8 @@ fn common(
         idle_timeout: dur(a.idle_timeout, 29 * 60),
         poll_interval: dur(a.poll_interval, 5 * 60),
         catchup_interval: dur(a.catchup_interval, 10 * 60),
+        retry_interval,
+        retry_max,
         max_connections,
     })
 }

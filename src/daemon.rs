@@ -94,6 +94,37 @@ impl Default for Backoff {
     }
 }
 
+/// When to retry deferred mail, like an MTA's queue: `first`, then twice
+/// as long each time up to `max`, jittered over [d/2, d) so that many
+/// mailboxes do not retry in lockstep; reset once nothing is deferred.
+#[derive(Debug)]
+pub struct RetrySchedule {
+    first: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl RetrySchedule {
+    pub fn new(first: Duration, max: Duration) -> RetrySchedule {
+        RetrySchedule {
+            first,
+            max,
+            next: first,
+        }
+    }
+
+    /// The wait before the next retry; `jitter` in [0, 1).
+    pub fn delay(&mut self, jitter: f64) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.max);
+        d.mul_f64(0.5 + jitter.clamp(0.0, 0.999) / 2.0)
+    }
+
+    pub fn reset(&mut self) {
+        self.next = self.first;
+    }
+}
+
 /// A cheap random number in [0, 1) for jitter (no crate needed for that).
 fn jitter() -> f64 {
     let n = std::time::SystemTime::now()
@@ -452,9 +483,14 @@ async fn serve(
         // server can hibernate it while it idles.
         imap.mark_for_idle();
     }
+    let mut retry = RetrySchedule::new(account.retry_interval, account.retry_max);
     loop {
+        let mut deferred = Vec::new();
         for mb in &spec.mailboxes {
             let work = work_mailbox(&ctx, &mut imap, &mut sessions, mb, Mode::Pull).await;
+            if work.report.deferred > 0 {
+                deferred.push((mb.name.clone(), work.report.deferred));
+            }
             if work.report.delivered > 0 {
                 status
                     .delivered
@@ -481,10 +517,15 @@ async fn serve(
         if stop.load(Ordering::SeqCst) {
             break;
         }
+        // Deferred mail is retried on its own schedule, not only when new
+        // mail comes or at the next catch-up.
+        let retry_in =
+            schedule_retry(account, ledger, now, &mut retry, &spec.mailboxes, &deferred).await?;
         if idle {
             // Re-issued before idle_timeout, and a pass at least every
             // catchup_interval: an IDLE that died silently costs minutes.
             let wait = account.idle_timeout.min(account.catchup_interval);
+            let wait = retry_in.map_or(wait, |r| r.min(wait));
             let (i, end) = imap.idle(wait, wake, stop).await?;
             imap = i;
             tracing::debug!(?end, "IDLE ended");
@@ -493,6 +534,7 @@ async fn serve(
             }
         } else {
             let wait = account.poll_interval.min(account.catchup_interval);
+            let wait = retry_in.map_or(wait, |r| r.min(wait));
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = wake.notified() => {}
@@ -504,6 +546,42 @@ async fn serve(
     }
     imap.logout().await;
     Ok(())
+}
+
+/// After the passes of one round: the wait before deferred mail is tried
+/// again (None when nothing is deferred), logged, and written to the
+/// ledger for `imapull status`.
+async fn schedule_retry(
+    account: &crate::config::Account,
+    ledger: &LedgerHandle,
+    now: &Clock,
+    retry: &mut RetrySchedule,
+    mailboxes: &[crate::config::MailboxConfig],
+    deferred: &[(String, u32)],
+) -> Result<Option<Duration>> {
+    let delay = if deferred.is_empty() {
+        retry.reset();
+        None
+    } else {
+        Some(retry.delay(jitter()))
+    };
+    for mb in mailboxes {
+        let waiting = deferred.iter().find(|(m, _)| *m == mb.name).map(|d| d.1);
+        let at = match (delay, waiting) {
+            (Some(d), Some(n)) => {
+                tracing::info!(
+                    mailbox = mb.name,
+                    "{n} message(s) deferred; retrying in {}s",
+                    d.as_secs()
+                );
+                Some((now() + d.as_secs() as i64, n))
+            }
+            _ => None,
+        };
+        let (a, m) = (account.name.clone(), mb.name.clone());
+        ledger.call(move |l| l.set_retry(&a, &m, at)).await?;
+    }
+    Ok(delay)
 }
 
 /// A daemon holds a connection per watched mailbox: raise the soft limit
@@ -542,6 +620,18 @@ mod tests {
         b.reset();
         assert_eq!(b.delay(0.0, true), Duration::from_secs(150));
         assert_eq!(b.delay(0.0, false), Duration::from_secs(150));
+    }
+
+    #[test]
+    fn retries_double_up_to_the_cap_and_reset() {
+        let s = Duration::from_secs;
+        let mut r = RetrySchedule::new(s(30), s(600));
+        // Without jitter (0.999 ~ the full delay), then with the least.
+        let full: Vec<u64> = (0..7).map(|_| r.delay(0.999).as_secs()).collect();
+        assert_eq!(full, vec![29, 59, 119, 239, 479, 599, 599]);
+        r.reset();
+        assert_eq!(r.delay(0.0), s(15));
+        assert_eq!(r.delay(0.0), s(30));
     }
 
     #[test]

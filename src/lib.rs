@@ -302,7 +302,7 @@ pub(crate) async fn work_mailbox(
     };
     if let Err(e) = outcome {
         // A tunnel that died says why (exit status, its stderr).
-        let e = match imap.tunnel_report() {
+        let e = match imap.tunnel_report().await {
             Some(r) => e.context(r),
             None => e,
         };

@@ -279,7 +279,18 @@ fn status(config: &Config, account: Option<&str>) -> anyhow::Result<()> {
     use std::io::Write as _;
     let ledger = imapull::ledger::Ledger::open(&config.ledger)?;
     let mut out = std::io::stdout().lock();
+    let now = chrono::Utc::now().timestamp();
     // A closed pipe (`imapull status | head`) ends the listing quietly.
+    for (acct, mailbox, at, n) in ledger.retries(account)? {
+        let when = chrono::DateTime::from_timestamp(at, 0)
+            .unwrap_or_default()
+            .format("%Y-%m-%d %H:%M:%S UTC");
+        let _ = writeln!(
+            out,
+            "{acct}/{mailbox}: {n} deferred, the daemon retries at {when} (in {}s)",
+            (at - now).max(0)
+        );
+    }
     let _ = print_rows(&mut out, &ledger.rows(account)?);
     let _ = out.flush();
     Ok(())

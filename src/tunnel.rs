@@ -28,9 +28,35 @@ pub struct TunnelInfo {
     program: String,
     child: Arc<Mutex<Child>>,
     tail: Arc<Mutex<VecDeque<String>>>,
+    /// Its stderr was read to the end (or is not read at all).
+    stderr_done: Arc<std::sync::atomic::AtomicBool>,
 }
 
+/// How long an error path waits for a tunnel command that closed its
+/// stdout to exit and for its stderr to be read: the two come a moment
+/// after the EOF, and the report is what tells the operator why.
+const EXIT_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
 impl TunnelInfo {
+    /// [`TunnelInfo::exit_report`], once the command has exited and its
+    /// last words are read, waiting [`EXIT_WAIT`] at most.
+    pub async fn settled_exit_report(&self) -> Option<String> {
+        let deadline = tokio::time::Instant::now() + EXIT_WAIT;
+        loop {
+            let exited = self
+                .child
+                .lock()
+                .ok()
+                .and_then(|mut c| c.try_wait().ok().flatten())
+                .is_some();
+            let read = self.stderr_done.load(std::sync::atomic::Ordering::SeqCst);
+            if (exited && read) || tokio::time::Instant::now() >= deadline {
+                return self.exit_report();
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
     /// "the tunnel command ssh exited with status 255; its last words: ..."
     /// or None while it still runs.
     pub fn exit_report(&self) -> Option<String> {
@@ -78,7 +104,10 @@ pub fn spawn(command: &[String], stderr: TunnelStderr) -> Result<(TunnelIo, Tunn
     let stdin = child.stdin.take().expect("piped");
     let stdout = child.stdout.take().expect("piped");
     let tail = Arc::new(Mutex::new(VecDeque::new()));
+    let stderr_done = Arc::new(std::sync::atomic::AtomicBool::new(true));
     if let Some(err) = child.stderr.take() {
+        stderr_done.store(false, std::sync::atomic::Ordering::SeqCst);
+        let done = stderr_done.clone();
         let tail = tail.clone();
         let program = command[0].clone();
         tokio::spawn(async move {
@@ -92,12 +121,14 @@ pub fn spawn(command: &[String], stderr: TunnelStderr) -> Result<(TunnelIo, Tunn
                     t.push_back(line);
                 }
             }
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
         });
     }
     let info = TunnelInfo {
         program: command[0].clone(),
         child: Arc::new(Mutex::new(child)),
         tail,
+        stderr_done,
     };
     Ok((
         TunnelIo {

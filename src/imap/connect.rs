@@ -61,9 +61,10 @@ pub async fn establish(
 ) -> Result<Imap, ConnectError> {
     let tunnel = t.tunnel;
     let mut conn = Conn::new(t.io, t.peer.clone(), account.max_message_size);
-    let greeting = greeting(&mut conn, tunnel.is_some() || preauth_ok)
-        .await
-        .map_err(|e| unavailable(with_exit_report(e, tunnel.as_ref())))?;
+    let greeting = match greeting(&mut conn, tunnel.is_some() || preauth_ok).await {
+        Ok(g) => g,
+        Err(e) => return Err(unavailable(with_exit_report(e, tunnel.as_ref()).await)),
+    };
     let mut caps = greeting.caps;
     if greeting.preauth {
         // Already authenticated by the tunnel (ssh).
@@ -342,8 +343,12 @@ async fn ready(
     Ok(imap)
 }
 
-fn with_exit_report(e: anyhow::Error, info: Option<&TunnelInfo>) -> anyhow::Error {
-    match info.and_then(TunnelInfo::exit_report) {
+async fn with_exit_report(e: anyhow::Error, info: Option<&TunnelInfo>) -> anyhow::Error {
+    let report = match info {
+        Some(i) => i.settled_exit_report().await,
+        None => None,
+    };
+    match report {
         Some(r) => e.context(r),
         None => e,
     }

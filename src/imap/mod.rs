@@ -131,8 +131,14 @@ impl Imap {
     }
 
     /// Why the tunnel command ended, if this is a tunnel and it has.
-    pub fn tunnel_report(&self) -> Option<String> {
-        self.tunnel.as_ref().and_then(TunnelInfo::exit_report)
+    pub fn tunnel_report(&self) -> impl std::future::Future<Output = Option<String>> + Send {
+        let tunnel = self.tunnel.clone();
+        async move {
+            match tunnel {
+                Some(t) => t.settled_exit_report().await,
+                None => None,
+            }
+        }
     }
 
     pub fn has(&self, cap: &str) -> bool {

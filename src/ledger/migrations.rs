@@ -41,6 +41,10 @@ const MIGRATIONS: &[&str] = &[
     // last purged (purges are rate-limited by purge_interval).
     "ALTER TABLE message ADD COLUMN purged_at INTEGER;
      ALTER TABLE mailbox ADD COLUMN last_purge_at INTEGER;",
+    // 3: the daemon's next retry of a mailbox's deferred mail, and how many
+    // were deferred, for `imapull status`.
+    "ALTER TABLE mailbox ADD COLUMN retry_at INTEGER;
+     ALTER TABLE mailbox ADD COLUMN retry_count INTEGER;",
 ];
 
 pub fn run(conn: &mut Connection) -> Result<()> {

@@ -267,6 +267,34 @@ impl Ledger {
     }
 
     /// Deferred messages of this mailbox, oldest UID first.
+    /// When the daemon will retry `mailbox`'s deferred mail (seconds since
+    /// the epoch), and how many messages wait; None when nothing does.
+    pub fn set_retry(&self, account: &str, mailbox: &str, retry: Option<(i64, u32)>) -> Result<()> {
+        self.conn.execute(
+            "UPDATE mailbox SET retry_at = ?3, retry_count = ?4 WHERE account = ?1 AND mailbox = ?2",
+            params![account, mailbox, retry.map(|r| r.0), retry.map(|r| r.1)],
+        )?;
+        Ok(())
+    }
+
+    /// The scheduled retries: (account, mailbox, when, how many).
+    pub fn retries(&self, account: Option<&str>) -> Result<Vec<(String, String, i64, u32)>> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT account, mailbox, retry_at, retry_count FROM mailbox
+             WHERE retry_at IS NOT NULL AND (?1 IS NULL OR account = ?1)
+             ORDER BY account, mailbox",
+        )?;
+        let rows = st.query_map(params![account], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get::<_, Option<u32>>(3)?.unwrap_or(0),
+            ))
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
     pub fn pending(&self, account: &str, mailbox: &str, uidvalidity: u32) -> Result<Vec<Pending>> {
         let mut st = self.conn.prepare_cached(
             "SELECT uid, delivered_to FROM message
@@ -724,6 +752,25 @@ mod tests {
             .prefix("imapull-ledger-test-")
             .tempdir()
             .unwrap()
+    }
+
+    #[test]
+    fn retries_are_kept_per_mailbox() {
+        let dir = tempdir();
+        let l = Ledger::open(&dir.path().join("l.sqlite3")).unwrap();
+        let st = MailboxState {
+            uidvalidity: 1,
+            watermark: 1,
+        };
+        l.set_mailbox_state("a", "INBOX", st, 0).unwrap();
+        l.set_retry("a", "INBOX", Some((1000, 3))).unwrap();
+        assert_eq!(
+            l.retries(None).unwrap(),
+            vec![("a".into(), "INBOX".into(), 1000, 3)]
+        );
+        assert!(l.retries(Some("b")).unwrap().is_empty());
+        l.set_retry("a", "INBOX", None).unwrap();
+        assert!(l.retries(None).unwrap().is_empty());
     }
 
     #[test]

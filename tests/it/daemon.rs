@@ -199,6 +199,43 @@ fn local_server_down_defers_then_delivers_after_it_is_back() {
     assert_eq!(d.stop().0, Some(0));
 }
 
+/// Regression: with the local server stopped and started again, deferred
+/// mail waited for new mail or the catch-up (10 minutes). It has its own
+/// retry schedule now: here 1 s, with a catch-up an hour away, and no
+/// signal: the retry delivers it, once.
+#[test]
+fn deferred_mail_is_retried_on_its_own_schedule() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let case = Case::new(
+        &format!("smtp://127.0.0.1:{port}"),
+        &["x@example.test"],
+        "retry_interval = \"1s\"\nretry_max = \"2s\"\ncatchup_interval = \"1h\"",
+    );
+    let d = Daemon::start(&case);
+    d.wait_log("pass done", 1);
+    save(&case.user, "INBOX", &message(1, "bob@remote.test", "x"));
+    d.wait_log("retrying in", 1);
+    assert_eq!(case.state_of(1), "deferred");
+    // `imapull status` says when the daemon tries again.
+    let status = case.run(&["status"]);
+    let text = String::from_utf8_lossy(&status.stdout).into_owned();
+    assert!(text.contains("1 deferred, the daemon retries at"), "{text}");
+    // Still down at the next retry or two: deferred again, not lost.
+    d.wait_log("retrying in", 2);
+    let smtp = FakeSmtp::start_on(port);
+    d.wait_log("delivered mailbox", 1);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(smtp.messages().len(), 1, "{}", d.log());
+    assert_eq!(case.state_of(1), "delivered");
+    let text = String::from_utf8_lossy(&case.run(&["status"]).stdout).into_owned();
+    assert!(!text.contains("the daemon retries"), "{text}");
+    assert_eq!(d.stop().0, Some(0));
+}
+
 #[test]
 fn silent_idle_is_caught_up_and_servers_without_idle_are_polled() {
     for caps in ["IDLE UIDPLUS", "UIDPLUS"] {
