@@ -236,13 +236,7 @@ accounts() {
         {
             echo "ledger = \"$work/accounts-$par.sqlite3\""
             echo "parallel_accounts = $par"
-            echo "[defaults]"
-            echo "host = \"localhost\""
-            echo "port = $IMAPS_PORT"
-            echo "ca_file = \"$CA_FILE\""
-            echo "password = \"secret\""
-            echo "deliver = \"smtp://127.0.0.1:$sink_port\""
-            echo "recipients = [\"bench@example.test\"]"
+            account_defaults
             echo "initial = \"all\""
             echo "mark_seen = false"
             echo "compress = false"
@@ -324,6 +318,18 @@ receivers() {
     done
 }
 
+# The [defaults] table of the many-account configs: the test Dovecot's
+# users, into smtp-sink.
+account_defaults() {
+    echo "[defaults]"
+    echo "host = \"localhost\""
+    echo "port = $IMAPS_PORT"
+    echo "ca_file = \"$CA_FILE\""
+    echo "password = \"secret\""
+    echo "deliver = \"smtp://127.0.0.1:$sink_port\""
+    echo "recipients = [\"bench@example.test\"]"
+}
+
 # One daemon on N accounts of one Dovecot that hibernates idle sessions:
 # once every mailbox idles, the daemon's RSS, Dovecot's processes, and how
 # long SIGTERM takes to end the daemon.
@@ -338,13 +344,7 @@ stop_time() {
     fi
     {
         echo "ledger = \"$work/stop.sqlite3\""
-        echo "[defaults]"
-        echo "host = \"localhost\""
-        echo "port = $IMAPS_PORT"
-        echo "ca_file = \"$CA_FILE\""
-        echo "password = \"secret\""
-        echo "deliver = \"smtp://127.0.0.1:$sink_port\""
-        echo "recipients = [\"bench@example.test\"]"
+        account_defaults
         echo "compress = ${COMPRESS:-\"auto\"}"
         for i in $(seq 0 $((n - 1))); do
             printf '[accounts.u%d]\nusername = "u%d"\n' "$i" "$i"

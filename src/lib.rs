@@ -316,17 +316,7 @@ pub(crate) async fn work_mailbox(
 /// it did before the error is counted, and the error follows.
 fn log_summary(r: &PassReport, failed: bool, started: std::time::Instant) {
     let secs = started.elapsed().as_secs_f64();
-    if failed {
-        tracing::info!(
-            delivered = r.delivered,
-            deferred = r.deferred,
-            rejected = r.rejected,
-            skipped = r.skipped,
-            vanished = r.vanished,
-            elapsed = format!("{secs:.2}s"),
-            "pass stopped by an error"
-        );
-    } else if r.delivered + r.deferred + r.rejected + r.skipped + r.vanished == 0 {
+    if !failed && r.delivered + r.deferred + r.rejected + r.skipped + r.vanished == 0 {
         tracing::info!(elapsed = format!("{secs:.2}s"), "pass done: nothing new");
     } else {
         tracing::info!(
@@ -335,9 +325,14 @@ fn log_summary(r: &PassReport, failed: bool, started: std::time::Instant) {
             rejected = r.rejected,
             skipped = r.skipped,
             vanished = r.vanished,
-            complete = !r.incomplete,
+            complete = !r.incomplete && !failed,
             elapsed = format!("{secs:.2}s"),
-            "pass done"
+            "{}",
+            if failed {
+                "pass stopped by an error"
+            } else {
+                "pass done"
+            }
         );
     }
 }

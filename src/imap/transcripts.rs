@@ -100,15 +100,39 @@ async fn serve(
     seen
 }
 
-/// An `Imap` logged in over a duplex stream: the greeting is PREAUTH with
-/// capabilities, so no command precedes the one under test.
-async fn session(io: tokio::io::DuplexStream) -> Imap {
-    let t = Transport {
-        io: Box::new(IdleTimeout::new(io, Duration::from_secs(5))),
+/// A transport over an in-memory stream.
+fn over(io: impl crate::net::Io + 'static) -> Transport {
+    Transport {
+        io: Box::new(io),
         peer: "test".into(),
         tunnel: None,
         wire: WireStats::default(),
-    };
+    }
+}
+
+/// A hand-scripted server's start of an IDLE: greet (PREAUTH), read the
+/// IDLE, say "+". Returns the stream's halves and the IDLE's tag.
+async fn idle_started(
+    b: tokio::io::DuplexStream,
+) -> (
+    BufReader<tokio::io::ReadHalf<tokio::io::DuplexStream>>,
+    tokio::io::WriteHalf<tokio::io::DuplexStream>,
+    String,
+) {
+    let (r, mut w) = tokio::io::split(b);
+    let mut r = BufReader::new(r);
+    w.write_all(PREAUTH.as_bytes()).await.unwrap();
+    let mut line = String::new();
+    r.read_line(&mut line).await.unwrap();
+    let tag = line.split(' ').next().unwrap().to_string();
+    w.write_all(b"+ idling\r\n").await.unwrap();
+    (r, w, tag)
+}
+
+/// An `Imap` logged in over a duplex stream: the greeting is PREAUTH with
+/// capabilities, so no command precedes the one under test.
+async fn session(io: tokio::io::DuplexStream) -> Imap {
+    let t = over(IdleTimeout::new(io, Duration::from_secs(5)));
     match establish(&account("compress = false"), t, true).await {
         Ok(i) => i,
         Err(e) => panic!("{e}"),
@@ -370,12 +394,7 @@ async fn the_two_reported_defects() {
         ],
     };
     let server = tokio::spawn(serve(b, "* OK hi\r\n", ex, None));
-    let t = Transport {
-        io: Box::new(a),
-        peer: "test".into(),
-        tunnel: None,
-        wire: WireStats::default(),
-    };
+    let t = over(a);
     let imap = match establish(&account(""), t, false).await {
         Ok(i) => i,
         Err(e) => panic!("{e}"),
@@ -403,12 +422,7 @@ async fn sasl_ir_sends_the_credentials_with_the_command() {
         ex,
         None,
     ));
-    let t = Transport {
-        io: Box::new(a),
-        peer: "test".into(),
-        tunnel: None,
-        wire: WireStats::default(),
-    };
+    let t = over(a);
     let imap = establish(&account(""), t, false)
         .await
         .map_err(|e| e.to_string());
@@ -443,12 +457,7 @@ async fn a_refused_login_is_an_auth_error_and_preauth_needs_a_tunnel() {
             answer: vec![answer],
         };
         let server = tokio::spawn(serve(b, greeting, ex, None));
-        let t = Transport {
-            io: Box::new(a),
-            peer: "test".into(),
-            tunnel: None,
-            wire: WireStats::default(),
-        };
+        let t = over(a);
         match establish(&account(""), t, false).await {
             Err(ConnectError::Auth(e)) => assert!(auth, "{e:#}"),
             Err(ConnectError::Unavailable(e)) => assert!(!auth, "{e:#}"),
@@ -466,12 +475,7 @@ async fn a_password_that_cannot_be_quoted_goes_as_a_literal() {
         answer: vec![vec!["+ go on\r\n".into(), "$T OK in\r\n".into()]],
     };
     let server = tokio::spawn(serve(b, "* OK [CAPABILITY IMAP4rev1] hi\r\n", ex, None));
-    let t = Transport {
-        io: Box::new(a),
-        peer: "test".into(),
-        tunnel: None,
-        wire: WireStats::default(),
-    };
+    let t = over(a);
     let mut acct = account("");
     acct.password =
         crate::config::PasswordSource::Inline(crate::secret::Secret::new("pässw".into()));
@@ -567,13 +571,7 @@ async fn idle_transcripts() {
 async fn idle_ends_on_exists_not_on_oddities() {
     let (a, b) = tokio::io::duplex(1 << 16);
     let server = tokio::spawn(async move {
-        let (r, mut w) = tokio::io::split(b);
-        let mut r = BufReader::new(r);
-        w.write_all(PREAUTH.as_bytes()).await.unwrap();
-        let mut line = String::new();
-        r.read_line(&mut line).await.unwrap();
-        let tag = line.split(' ').next().unwrap().to_string();
-        w.write_all(b"+ idling\r\n").await.unwrap();
+        let (mut r, mut w, tag) = idle_started(b).await;
         for odd in ODDITIES
             .iter()
             .filter(|o| !o.contains("EXISTS") && !o.contains("EXPUNGE") && !o.contains("FETCH"))
@@ -623,12 +621,7 @@ async fn a_message_over_the_limit_is_not_held() {
     };
     let (a, b) = tokio::io::duplex(1 << 16);
     let server = tokio::spawn(serve(b, PREAUTH, ex, None));
-    let t = Transport {
-        io: Box::new(a),
-        peer: "test".into(),
-        tunnel: None,
-        wire: WireStats::default(),
-    };
+    let t = over(a);
     let mut imap = match establish(&account("max_message_size = 1024"), t, true).await {
         Ok(i) => i,
         Err(e) => panic!("{e}"),
@@ -652,13 +645,7 @@ async fn a_stop_while_idling_sends_done_and_logout_and_does_not_wait_long() {
     for answers in [true, false] {
         let (a, b) = tokio::io::duplex(1 << 16);
         let server = tokio::spawn(async move {
-            let (r, mut w) = tokio::io::split(b);
-            let mut r = BufReader::new(r);
-            w.write_all(PREAUTH.as_bytes()).await.unwrap();
-            let mut line = String::new();
-            r.read_line(&mut line).await.unwrap();
-            let tag = line.split(' ').next().unwrap().to_string();
-            w.write_all(b"+ idling\r\n").await.unwrap();
+            let (mut r, mut w, tag) = idle_started(b).await;
             let (mut done, mut logout) = (String::new(), String::new());
             r.read_line(&mut done).await.unwrap();
             r.read_line(&mut logout).await.unwrap();

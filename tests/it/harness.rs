@@ -390,8 +390,13 @@ pub fn lmtp() -> String {
 }
 
 pub fn imapull(config: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_imapull"))
-        .arg("--config")
+    run_imapull(Command::new(env!("CARGO_BIN_EXE_imapull")), config, args)
+}
+
+/// Runs `cmd` (imapull, or a wrapper whose last argument is imapull) on
+/// `config` with `args`, colourless and with the user's log level unset.
+fn run_imapull(mut cmd: Command, config: &Path, args: &[&str]) -> Output {
+    cmd.arg("--config")
         .arg(config)
         .args(args)
         .env("NO_COLOR", "1")
@@ -419,20 +424,16 @@ pub fn imapull_with_hosts(config: &Path, args: &[&str], hosts: &str) -> Option<O
     }
     let file = env().dir.join(format!("hosts-{}", unique()));
     std::fs::write(&file, hosts).unwrap();
-    let out = Command::new("unshare")
-        .arg("-m")
-        .arg("sh")
-        .arg("-c")
-        .arg("mount --bind \"$0\" /etc/hosts && exec \"$@\"")
-        .arg(&file)
-        .arg(env!("CARGO_BIN_EXE_imapull"))
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .env("NO_COLOR", "1")
-        .env_remove("IMAPULL_LOG")
-        .output()
-        .unwrap();
+    let mut cmd = Command::new("unshare");
+    cmd.args([
+        "-m",
+        "sh",
+        "-c",
+        "mount --bind \"$0\" /etc/hosts && exec \"$@\"",
+    ])
+    .arg(&file)
+    .arg(env!("CARGO_BIN_EXE_imapull"));
+    let out = run_imapull(cmd, config, args);
     let _ = std::fs::remove_file(&file);
     Some(out)
 }
