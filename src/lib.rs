@@ -46,6 +46,47 @@ pub mod exit {
     pub const TEMPFAIL: i32 = 75;
     pub const NOPERM: i32 = 77;
     pub const CONFIG: i32 = 78;
+
+    /// The code for an error, in one place: the first typed error in its
+    /// chain that says what went wrong decides; `otherwise` when none does
+    /// (what the caller was doing: a pass is UNAVAILABLE, a command is
+    /// SOFTWARE). Never decided by an error's text.
+    pub fn for_error(e: &anyhow::Error, otherwise: i32) -> i32 {
+        use super::imap::ConnectError;
+        if find::<super::UnknownAccount>(e).is_some() {
+            return USAGE;
+        }
+        if find::<super::config::ConfigError>(e).is_some() {
+            return CONFIG;
+        }
+        if find::<super::lock::Busy>(e).is_some() {
+            return CANTCREAT;
+        }
+        if find::<super::ledger::LedgerFailure>(e).is_some() {
+            return SOFTWARE;
+        }
+        match find::<ConnectError>(e) {
+            Some(ConnectError::Auth(_)) => NOPERM,
+            Some(ConnectError::Unavailable(_)) => UNAVAILABLE,
+            None => otherwise,
+        }
+    }
+
+    /// A `T` anywhere in `e`: among anyhow's contexts (which `chain()`
+    /// shows wrapped) or among the `source()`s of the errors it holds.
+    pub fn find<T: std::error::Error + Send + Sync + 'static>(e: &anyhow::Error) -> Option<&T> {
+        e.downcast_ref::<T>()
+            .or_else(|| e.chain().find_map(|c| c.downcast_ref::<T>()))
+    }
+}
+
+/// An account named on the command line that the config does not have.
+#[derive(Debug, thiserror::Error)]
+#[error("no account {name:?} in {path} (known: {known})")]
+pub struct UnknownAccount {
+    pub name: String,
+    pub path: String,
+    pub known: String,
 }
 
 /// How one account's run ended.
@@ -125,16 +166,17 @@ pub async fn run_once(config: &Config, only: &[String], now: Clock) -> Result<Ve
 pub fn check_accounts(config: &Config, only: &[String]) -> Result<()> {
     for name in only {
         if config.account(name).is_none() {
-            anyhow::bail!(
-                "no account {name:?} in {} (known: {})",
-                config.path.display(),
-                config
+            return Err(UnknownAccount {
+                name: name.clone(),
+                path: config.path.display().to_string(),
+                known: config
                     .accounts
                     .iter()
                     .map(|a| a.name.as_str())
                     .collect::<Vec<_>>()
-                    .join(", ")
-            );
+                    .join(", "),
+            }
+            .into());
         }
     }
     Ok(())
@@ -190,11 +232,7 @@ async fn run_account(
     let _lock = match lock::try_lock(&config.ledger, &account.name) {
         Ok(l) => l,
         Err(e) => {
-            let code = if e.downcast_ref::<lock::Busy>().is_some() {
-                exit::CANTCREAT
-            } else {
-                exit::SOFTWARE
-            };
+            let code = exit::for_error(&e, exit::SOFTWARE);
             tracing::error!("{e:#}");
             result.failure = Some((code, format!("{e:#}")));
             return result;
@@ -203,12 +241,10 @@ async fn run_account(
     let mut imap = match imap::Imap::connect(account).await {
         Ok(i) => i,
         Err(e) => {
-            let code = match e {
-                imap::ConnectError::Auth(_) => exit::NOPERM,
-                imap::ConnectError::Unavailable(_) => exit::UNAVAILABLE,
-            };
             tracing::error!("{e}");
-            result.failure = Some((code, e.to_string()));
+            let message = e.to_string();
+            let code = exit::for_error(&e.into(), exit::UNAVAILABLE);
+            result.failure = Some((code, message));
             return result;
         }
     };
@@ -230,13 +266,10 @@ async fn run_account(
         result.report.add(&work.report);
         result.removed += work.removed;
         if let Some(e) = work.error {
-            let is_ledger = e.downcast_ref::<ledger::LedgerFailure>().is_some();
             result.report.incomplete = true;
-            let code = if is_ledger {
-                exit::SOFTWARE
-            } else {
-                exit::UNAVAILABLE
-            };
+            // Without the ledger nothing more may be delivered.
+            let is_ledger = exit::find::<ledger::LedgerFailure>(&e).is_some();
+            let code = exit::for_error(&e, exit::UNAVAILABLE);
             result
                 .failure
                 .get_or_insert((code, format!("{}: {e:#}", mb.name)));
@@ -333,6 +366,44 @@ fn log_summary(r: &PassReport, failed: bool, started: std::time::Instant) {
             } else {
                 "pass done"
             }
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_come_from_typed_errors_anywhere_in_the_chain() {
+        use anyhow::Context as _;
+        let unknown: anyhow::Error = UnknownAccount {
+            name: "x".into(),
+            path: "c.toml".into(),
+            known: "a".into(),
+        }
+        .into();
+        assert_eq!(exit::for_error(&unknown, exit::SOFTWARE), exit::USAGE);
+        // The same text from another error is not a usage error.
+        let text = anyhow::anyhow!("no account \"x\" in c.toml (known: a)");
+        assert_eq!(exit::for_error(&text, exit::SOFTWARE), exit::SOFTWARE);
+        let ledger = anyhow::anyhow!("disk full")
+            .context(ledger::LedgerFailure)
+            .context("recording a delivery");
+        assert_eq!(exit::for_error(&ledger, exit::UNAVAILABLE), exit::SOFTWARE);
+        let auth: anyhow::Error = imap::ConnectError::Auth(anyhow::anyhow!("NO")).into();
+        let auth = Err::<(), _>(auth).context("account a").unwrap_err();
+        assert_eq!(exit::for_error(&auth, exit::SOFTWARE), exit::NOPERM);
+        let busy = anyhow::Error::new(lock::Busy {
+            account: "a".into(),
+            path: "l".into(),
+        })
+        .context("locking");
+        assert_eq!(exit::for_error(&busy, exit::SOFTWARE), exit::CANTCREAT);
+        let other = anyhow::anyhow!("IMAP trouble").context("selecting INBOX");
+        assert_eq!(
+            exit::for_error(&other, exit::UNAVAILABLE),
+            exit::UNAVAILABLE
         );
     }
 }

@@ -162,7 +162,7 @@ fn real_main(cli: Cli) -> i32 {
             Ok(()) => exit::OK,
             Err(e) => {
                 eprintln!("imapull: {e:#}");
-                usage_or_software(&e)
+                exit::for_error(&e, exit::SOFTWARE)
             }
         },
         Command::Run { accounts } | Command::Purge { accounts, .. } => {
@@ -171,7 +171,7 @@ fn real_main(cli: Cli) -> i32 {
                 Ok(results) => imapull::run_exit_code(&results),
                 Err(e) => {
                     eprintln!("imapull: {e:#}");
-                    usage_or_software(&e)
+                    exit::for_error(&e, exit::SOFTWARE)
                 }
             }
         }
@@ -221,20 +221,8 @@ async fn daemon(path: PathBuf, config: Config) -> i32 {
         Ok(()) => exit::OK,
         Err(e) => {
             eprintln!("imapull: {e:#}");
-            if e.downcast_ref::<imapull::lock::Busy>().is_some() {
-                exit::CANTCREAT
-            } else {
-                exit::SOFTWARE
-            }
+            exit::for_error(&e, exit::SOFTWARE)
         }
-    }
-}
-
-fn usage_or_software(e: &anyhow::Error) -> i32 {
-    if format!("{e}").starts_with("no account") {
-        exit::USAGE
-    } else {
-        exit::SOFTWARE
     }
 }
 
