@@ -32,6 +32,44 @@ const DEFAULT_DELIVERY_SESSIONS: u32 = 1;
 /// small server its memory. A bigger message is quarantined, not fetched.
 const DEFAULT_MAX_MESSAGE_SIZE: u64 = 150 << 20;
 
+/// IMAP over implicit TLS (RFC 8314) and plain IMAP, for STARTTLS or none.
+const IMAPS_PORT: u16 = 993;
+const IMAP_PORT: u16 = 143;
+
+/// The most removals per mailbox per purge: a mistake (a wrong
+/// `purge_after`, a clock that jumped) removes no more than this before
+/// the operator can notice; more than a day's mail for most mailboxes, so
+/// ordinary retention is never held back for long.
+const DEFAULT_PURGE_MAX: u32 = 500;
+
+/// How often the purge runs after passes: retention is counted in days,
+/// and each purge costs the server a SELECT, a SEARCH and a STORE.
+const DEFAULT_PURGE_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// Daemon: IMAP connections per account. Dovecot allows 10 per user and
+/// address by default (`mail_max_userip_connections`), Gmail 15 per
+/// account; four leave room for the user's own clients.
+const DEFAULT_MAX_CONNECTIONS: u32 = 4;
+
+/// Deferrals in a row after which a pass stops: one deferral is a
+/// message, five in a row is a sick local server, and the rest may as
+/// well wait on the remote server than be downloaded for nothing.
+const DEFAULT_MAX_DEFERRALS: u32 = 5;
+
+/// Daemon: an IDLE is re-issued after this long. RFC 2177 says servers may
+/// end an IDLE after 30 minutes of inactivity, so clients re-issue it
+/// before that.
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(29 * 60);
+
+/// Daemon: how often a mailbox without IDLE is polled; the timer unit's
+/// interval, so the daemon is never slower than a timer.
+const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(5 * 60);
+
+/// Daemon: a full check even while idling, for an IDLE that died without a
+/// word (a NAT that forgot the connection): noticed within ten minutes,
+/// for a SELECT that costs the server nothing it would notice.
+const DEFAULT_CATCHUP_INTERVAL: Duration = Duration::from_secs(10 * 60);
+
 /// The daemon's first retry of deferred mail: soon enough that a local
 /// server back from a restart gets the mail within a minute, late enough
 /// not to hammer one that is still down. Doubled up to [`DEFAULT_RETRY_MAX`],
@@ -562,8 +600,8 @@ fn resolve_account(
     };
     let tls = a.tls.unwrap_or(TlsMode::Implicit);
     let port = a.port.unwrap_or(match tls {
-        TlsMode::Implicit => 993,
-        _ => 143,
+        TlsMode::Implicit => IMAPS_PORT,
+        _ => IMAP_PORT,
     });
     if tls == TlsMode::None && !is_loopback(&host) && !a.allow_plaintext.unwrap_or(false) {
         return Err(here(
@@ -783,14 +821,14 @@ fn common(
         Some(e) => e,
         None => local_hostname(),
     };
-    let purge_max = a.purge_max.unwrap_or(500);
+    let purge_max = a.purge_max.unwrap_or(DEFAULT_PURGE_MAX);
     if purge_max == 0 {
         return Err(here(
             "purge_max",
             "must be at least 1 (unset purge_after to never remove)".into(),
         ));
     }
-    let max_connections = a.max_connections.unwrap_or(4);
+    let max_connections = a.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
     if max_connections == 0 {
         return Err(here("max_connections", "must be at least 1".into()));
     }
@@ -807,15 +845,15 @@ fn common(
     if max_message_size < 1024 {
         return Err(here("max_message_size", "must be at least 1K".into()));
     }
-    let retry_interval = a.retry_interval.map_or(DEFAULT_RETRY_INTERVAL, |d| d.0);
-    let retry_max = a.retry_max.map_or(DEFAULT_RETRY_MAX, |d| d.0);
+    let retry_interval = dur(a.retry_interval, DEFAULT_RETRY_INTERVAL);
+    let retry_max = dur(a.retry_max, DEFAULT_RETRY_MAX);
     if retry_interval.is_zero() {
         return Err(here("retry_interval", "must be longer than 0".into()));
     }
     if retry_max < retry_interval {
         return Err(here("retry_max", "must be at least retry_interval".into()));
     }
-    let max_deferrals = a.max_deferrals.unwrap_or(5);
+    let max_deferrals = a.max_deferrals.unwrap_or(DEFAULT_MAX_DEFERRALS);
     if max_deferrals == 0 {
         return Err(here("max_deferrals", "must be at least 1".into()));
     }
@@ -843,26 +881,23 @@ fn common(
         mark_seen: a.mark_seen.unwrap_or(true),
         initial: a.initial.unwrap_or(Initial::Unseen),
         add_received: a.add_received.unwrap_or(true),
-        imap_timeout: a.imap_timeout.map(|d| d.0).unwrap_or(DEFAULT_TIMEOUT),
-        deliver_timeout: a.deliver_timeout.map(|d| d.0).unwrap_or(DEFAULT_TIMEOUT),
+        imap_timeout: dur(a.imap_timeout, DEFAULT_TIMEOUT),
+        deliver_timeout: dur(a.deliver_timeout, DEFAULT_TIMEOUT),
         max_deferrals,
         delivery_sessions: delivery_sessions as usize,
-        purge_interval: a
-            .purge_interval
-            .map(|d| d.0)
-            .unwrap_or(Duration::from_secs(3600)),
+        purge_interval: dur(a.purge_interval, DEFAULT_PURGE_INTERVAL),
         purge_max,
-        idle_timeout: dur(a.idle_timeout, 29 * 60),
-        poll_interval: dur(a.poll_interval, 5 * 60),
-        catchup_interval: dur(a.catchup_interval, 10 * 60),
+        idle_timeout: dur(a.idle_timeout, DEFAULT_IDLE_TIMEOUT),
+        poll_interval: dur(a.poll_interval, DEFAULT_POLL_INTERVAL),
+        catchup_interval: dur(a.catchup_interval, DEFAULT_CATCHUP_INTERVAL),
         retry_interval,
         retry_max,
         max_connections,
     })
 }
 
-fn dur(d: Option<HumanDuration>, default_secs: u64) -> Duration {
-    d.map(|d| d.0).unwrap_or(Duration::from_secs(default_secs))
+fn dur(d: Option<HumanDuration>, default: Duration) -> Duration {
+    d.map_or(default, |d| d.0)
 }
 
 /// An address good enough to put in an SMTP envelope: no spaces, controls or

@@ -18,7 +18,7 @@ use anyhow::{bail, Result};
 
 use crate::config::{Account, MailboxConfig};
 use crate::imap::Imap;
-use crate::ledger::{LedgerHandle, PurgeRow};
+use crate::ledger::{LedgerHandle, PurgeRow, State};
 
 /// What retention a mailbox has, resolved from the config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,7 +51,11 @@ pub fn plan(rows: &[PurgeRow], uidvalidity: u32, now: i64, policy: Policy) -> Pl
     let after = i64::try_from(policy.after.as_secs()).unwrap_or(i64::MAX);
     let mut due: Vec<Due> = rows
         .iter()
-        .filter(|r| r.state == "delivered" && r.uidvalidity == uidvalidity && r.purged_at.is_none())
+        .filter(|r| {
+            r.state() == Some(State::Delivered)
+                && r.uidvalidity == uidvalidity
+                && r.purged_at.is_none()
+        })
         .filter_map(|r| {
             let delivered = r.delivered_at?;
             let age = now.checked_sub(delivered)?;
@@ -418,11 +422,11 @@ mod tests {
             prop_assert!(p.due.len() <= max);
             for d in &p.due {
                 prop_assert!(rows.iter().any(|r| r.uid == d.uid && r.uidvalidity == uv
-                    && r.state == "delivered" && r.purged_at.is_none()
+                    && r.state() == Some(State::Delivered) && r.purged_at.is_none()
                     && r.delivered_at.is_some_and(|t| now - t >= after as i64)));
             }
             let eligible: BTreeSet<u32> = rows.iter()
-                .filter(|r| r.uidvalidity == uv && r.state == "delivered" && r.purged_at.is_none()
+                .filter(|r| r.uidvalidity == uv && r.state() == Some(State::Delivered) && r.purged_at.is_none()
                     && r.delivered_at.is_some_and(|t| now - t >= after as i64))
                 .map(|r| r.uid).collect();
             prop_assert_eq!(p.due.len() + p.postponed, eligible.len());

@@ -42,6 +42,20 @@ pub enum State {
 }
 
 impl State {
+    pub const ALL: [State; 5] = [
+        State::Delivered,
+        State::Deferred,
+        State::Rejected,
+        State::Skipped,
+        State::Vanished,
+    ];
+
+    /// The state a ledger row spells `s`; None for a word that is none
+    /// (the table's CHECK constraint keeps those out).
+    pub fn parse(s: &str) -> Option<State> {
+        State::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             State::Delivered => "delivered",
@@ -103,6 +117,13 @@ pub struct PurgeRow {
     pub message_id: Option<String>,
 }
 
+impl PurgeRow {
+    /// The row's state, typed.
+    pub fn state(&self) -> Option<State> {
+        State::parse(&self.state)
+    }
+}
+
 /// A row as `imapull status` and the tests read it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Row {
@@ -119,6 +140,13 @@ pub struct Row {
     pub delivered_at: Option<i64>,
     pub flagged: bool,
     pub purged_at: Option<i64>,
+}
+
+impl Row {
+    /// The row's state, typed.
+    pub fn state(&self) -> Option<State> {
+        State::parse(&self.state)
+    }
 }
 
 /// A row left from an earlier UIDVALIDITY, for matching after a change.
@@ -752,6 +780,14 @@ mod tests {
             .prefix("imapull-ledger-test-")
             .tempdir()
             .unwrap()
+    }
+
+    #[test]
+    fn states_spell_and_parse_back() {
+        for st in State::ALL {
+            assert_eq!(State::parse(st.as_str()), Some(st));
+        }
+        assert_eq!(State::parse("gone"), None);
     }
 
     #[test]
