@@ -460,22 +460,8 @@ async fn serve(
     status: &Status,
 ) -> Result<()> {
     let account = &spec.account;
-    let mut sessions = Sessions::new(
-        &account.deliver,
-        &account.ehlo,
-        account.deliver_timeout,
-        account.delivery_sessions,
-    );
-    let now_fn = {
-        let now = now.clone();
-        move || now()
-    };
-    let ctx = Ctx {
-        account,
-        ledger: ledger.clone(),
-        now: &now_fn,
-        stop: Some(stop),
-    };
+    let mut sessions = Sessions::for_account(account);
+    let ctx = Ctx::new(account, ledger.clone(), now, Some(stop));
     // IDLE watches the selected mailbox only: a shared connection polls.
     let idle = spec.mailboxes.len() == 1 && imap.has("IDLE");
     if idle {

@@ -248,19 +248,8 @@ async fn run_account(
             return result;
         }
     };
-    let mut sessions = Sessions::new(
-        &account.deliver,
-        &account.ehlo,
-        account.deliver_timeout,
-        account.delivery_sessions,
-    );
-    let now_fn = move || now();
-    let ctx = Ctx {
-        account,
-        ledger,
-        now: &now_fn,
-        stop: None,
-    };
+    let mut sessions = Sessions::for_account(account);
+    let ctx = Ctx::new(account, ledger, &now, None);
     for mb in &account.mailboxes {
         let work = work_mailbox(&ctx, &mut imap, &mut sessions, mb, mode).await;
         result.report.add(&work.report);

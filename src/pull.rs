@@ -62,7 +62,23 @@ pub struct Ctx<'a> {
     pub stop: Option<&'a std::sync::atomic::AtomicBool>,
 }
 
-impl Ctx<'_> {
+impl<'a> Ctx<'a> {
+    /// What a pass needs for `account`, built the same way by `imapull run`
+    /// and the daemon (which passes its stop flag).
+    pub fn new(
+        account: &'a Account,
+        ledger: LedgerHandle,
+        now: &'a crate::Clock,
+        stop: Option<&'a std::sync::atomic::AtomicBool>,
+    ) -> Ctx<'a> {
+        Ctx {
+            account,
+            ledger,
+            now: &**now,
+            stop,
+        }
+    }
+
     fn stopping(&self) -> bool {
         self.stop
             .is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst))

@@ -93,6 +93,17 @@ pub fn no_barrier() -> Barrier {
 pub struct Sessions(pub Vec<Deliverer>);
 
 impl Sessions {
+    /// The account's delivery sessions, as its config says (opened on
+    /// their first message).
+    pub fn for_account(account: &crate::config::Account) -> Sessions {
+        Sessions::new(
+            &account.deliver,
+            &account.ehlo,
+            account.deliver_timeout,
+            account.delivery_sessions,
+        )
+    }
+
     pub fn new(target: &Deliver, helo_name: &str, timeout: Duration, n: usize) -> Sessions {
         Sessions(
             (0..n.max(1))
