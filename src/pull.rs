@@ -12,7 +12,9 @@
 //! message below the new UIDNEXT has a ledger row, so a pass cut short
 //! never skips anything.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+mod decide;
+
+use std::collections::{HashMap, HashSet};
 
 use anyhow::{anyhow, Context as _, Result};
 use futures_util::FutureExt as _;
@@ -133,23 +135,22 @@ pub async fn pass(
         let (a, m) = (acct.clone(), mb.clone());
         ctx.ledger.call(move |l| l.pending(&a, &m, uv)).await?
     };
-    if sel.uidnext <= state.watermark && pending.is_empty() {
-        tracing::debug!(mailbox, "nothing new (UIDNEXT {})", sel.uidnext);
-        return Ok(());
-    }
-    let new: Vec<u32> = if sel.exists == 0 || sel.uidnext <= state.watermark {
-        vec![]
-    } else {
-        let found = imap.search(&format!("UID {}:*", state.watermark)).await?;
-        let (a, m, w) = (acct.clone(), mb.clone(), state.watermark);
-        let known = ctx
-            .ledger
-            .call(move |l| l.known_uids_from(&a, &m, uv, w))
-            .await?;
-        found
-            .into_iter()
-            .filter(|u| *u >= state.watermark && !known.contains(u))
-            .collect()
+    let new: Vec<u32> = match decide::scan(&sel, state.watermark, pending.len()) {
+        decide::Scan::NothingNew => {
+            tracing::debug!(mailbox, "nothing new (UIDNEXT {})", sel.uidnext);
+            return Ok(());
+        }
+        decide::Scan::RetryOnly => vec![],
+        decide::Scan::SearchFrom(w) => {
+            // An error here (NO, BAD, a drop) ends the pass: never "empty".
+            let found = imap.search(&format!("UID {w}:*")).await?;
+            let (a, m) = (acct.clone(), mb.clone());
+            let known = ctx
+                .ledger
+                .call(move |l| l.known_uids_from(&a, &m, uv, w))
+                .await?;
+            decide::new_mail(&found, w, &known)
+        }
     };
     let already: HashMap<u32, Vec<String>> = pending
         .iter()
@@ -175,25 +176,12 @@ pub async fn pass(
     // anything else is a FETCH that failed part-way.
     let mut missing_error = None;
     if !stopped_early && fetch_error.is_none() {
-        let missing: BTreeSet<u32> = retry
-            .iter()
-            .chain(&new)
-            .copied()
-            .filter(|u| attempted.binary_search(u).is_err())
-            .collect();
+        let missing = decide::missing(&[&retry, &new], &attempted);
         if !missing.is_empty() {
             let still_there = imap.which_exist(&missing).await?;
-            let gone: Vec<u32> = missing
-                .iter()
-                .copied()
-                .filter(|u| !still_there.contains(u))
-                .collect();
-            let vanished: Vec<u32> = gone
-                .iter()
-                .copied()
-                .filter(|u| already.contains_key(u))
-                .collect();
-            if !vanished.is_empty() {
+            let judged = decide::judge_missing(&missing, &still_there, &already);
+            if !judged.vanished.is_empty() {
+                let vanished = judged.vanished;
                 tracing::warn!(
                     mailbox,
                     ?vanished,
@@ -205,12 +193,12 @@ pub async fn pass(
                     .call(move |l| l.mark_vanished(&a, &m, uv, &vanished, now))
                     .await?;
             }
-            if !still_there.is_empty() {
+            if !judged.unreturned.is_empty() {
                 missing_error = Some(anyhow!(
                     "{} did not return {} requested message(s) (UIDs {}); they stay on the server and are tried next pass",
                     imap.peer,
-                    still_there.len(),
-                    uid_sets(&still_there.into_iter().collect::<Vec<_>>()).join(",")
+                    judged.unreturned.len(),
+                    uid_sets(&judged.unreturned).join(",")
                 ));
             }
         }
@@ -218,17 +206,25 @@ pub async fn pass(
 
     store_seen(ctx, imap, mailbox, uv, &to_flag).await?;
 
-    if let Some(e) = fetch_error.or(missing_error) {
+    let failure = fetch_error.or(missing_error);
+    let watermark = decide::watermark_after(
+        state.watermark,
+        sel.uidnext,
+        stopped_early,
+        failure.is_some(),
+    );
+    if let Some(e) = failure {
         report.incomplete = true;
         return Err(e);
     }
     if stopped_early {
         report.incomplete = true;
     } else {
+        // A whole pass: recorded (with its time) even when UIDNEXT stayed.
         let (a, m, now) = (acct.clone(), mb.clone(), (ctx.now)());
         let st = MailboxState {
             uidvalidity: uv,
-            watermark: sel.uidnext,
+            watermark,
         };
         ctx.ledger
             .call(move |l| l.set_mailbox_state(&a, &m, st, now))
