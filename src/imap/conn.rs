@@ -16,10 +16,14 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use super::response::{parse, Code, Data, FrameError, Framer, Response, Status};
 use crate::net::BoxIo;
 
-/// How many bytes one read asks the socket for at least. Small enough that
-/// a thousand idle connections hold little; a large literal reserves its
-/// whole size at once instead.
+/// The least room a grown read buffer gets beyond what the frame needs:
+/// small enough that a thousand idle connections hold little; a large
+/// literal gets its whole size at once instead.
 const READ_CHUNK: usize = 16 * 1024;
+
+/// RFC 7888: with LITERAL- only literals up to this size may be sent
+/// without waiting for the server's "+".
+const LITERAL_MINUS_MAX: usize = 4096;
 
 /// Outside a literal, a read into less room than this grows the buffer
 /// first.
@@ -122,8 +126,9 @@ pub struct Conn {
     broken: Option<String>,
     /// The server said BYE: the next EOF is explained by it.
     bye: Option<String>,
-    /// LITERAL+ or LITERAL- (RFC 7888): literals need not wait for "+".
-    pub literal_plus: bool,
+    /// Literals up to this size need not wait for "+" (RFC 7888); 0 when
+    /// the server offers neither LITERAL+ nor LITERAL-.
+    nonsync_max: usize,
     min_rtt: Option<std::time::Duration>,
 }
 
@@ -139,7 +144,7 @@ impl Conn {
             peer,
             broken: None,
             bye: None,
-            literal_plus: false,
+            nonsync_max: 0,
             min_rtt: None,
         }
     }
@@ -267,7 +272,7 @@ impl Conn {
     }
 
     /// Writes a tagged command; literals wait for the server's "+" unless
-    /// LITERAL+ is on. Returns the tag.
+    /// the server's capabilities say they need not. Returns the tag.
     pub async fn send(
         &mut self,
         what: &str,
@@ -283,9 +288,10 @@ impl Conn {
             match part {
                 Part::Text(t) => line.extend_from_slice(t.as_bytes()),
                 Part::Literal(bytes) => {
-                    let plus = if self.literal_plus { "+" } else { "" };
+                    let nonsync = bytes.len() <= self.nonsync_max;
+                    let plus = if nonsync { "+" } else { "" };
                     line.extend_from_slice(format!("{{{}{plus}}}\r\n", bytes.len()).as_bytes());
-                    if self.literal_plus {
+                    if nonsync {
                         line.extend_from_slice(bytes);
                         continue;
                     }
@@ -436,10 +442,9 @@ impl Conn {
         }
     }
 
-    /// Gives up the stream (STARTTLS, COMPRESS). Bytes already read after
-    /// the last response are returned with it: for COMPRESS they are
-    /// compressed data to decode first; for STARTTLS the caller drops them,
-    /// since plaintext injected before the handshake must never be read.
+    /// Gives up the stream (STARTTLS). Bytes already read after the last
+    /// response are returned with it, for the caller to drop: plaintext
+    /// injected before the handshake must never be read.
     pub fn into_parts(self) -> (BoxIo, BytesMut) {
         (self.io, self.buf)
     }
@@ -453,9 +458,10 @@ impl Conn {
         self.io = f(io, buf);
     }
 
-    /// The read buffer's capacity, for the memory figures.
-    pub fn buffered(&self) -> usize {
-        self.buf.capacity()
+    /// Which literals may go without waiting, from the server's
+    /// capabilities (they can change after login).
+    pub fn use_capabilities(&mut self, caps: &std::collections::HashSet<String>) {
+        self.nonsync_max = nonsync_limit(caps);
     }
 
     /// Lets an idle connection give back a large buffer.
@@ -463,6 +469,18 @@ impl Conn {
         if self.buf.is_empty() && self.buf.capacity() > 4 * READ_CHUNK {
             self.buf = BytesMut::new();
         }
+    }
+}
+
+/// The largest literal that may be sent without waiting for "+": any with
+/// LITERAL+, up to 4096 bytes with LITERAL-, none otherwise.
+fn nonsync_limit(caps: &std::collections::HashSet<String>) -> usize {
+    if caps.contains("LITERAL+") {
+        usize::MAX
+    } else if caps.contains("LITERAL-") {
+        LITERAL_MINUS_MAX
+    } else {
+        0
     }
 }
 
@@ -547,6 +565,14 @@ mod tests {
                 "{len} {cap} {lit} {line}"
             );
         }
+    }
+
+    #[test]
+    fn literals_that_need_not_wait() {
+        let caps = |c: &[&str]| c.iter().map(|s| s.to_string()).collect();
+        assert_eq!(nonsync_limit(&caps(&["IMAP4REV1", "LITERAL+"])), usize::MAX);
+        assert_eq!(nonsync_limit(&caps(&["LITERAL-"])), 4096);
+        assert_eq!(nonsync_limit(&caps(&["IMAP4REV1"])), 0);
     }
 
     #[test]

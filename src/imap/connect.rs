@@ -68,24 +68,15 @@ pub async fn establish(
     let mut caps = greeting.caps;
     if greeting.preauth {
         // Already authenticated by the tunnel (ssh).
-        let caps = match caps {
-            Some(c) => c,
-            None => capabilities(&mut conn).await.map_err(unavailable)?,
-        };
+        let caps = known_or_asked(&mut conn, caps).await?;
         return ready(account, conn, caps, t.wire, tunnel).await;
     }
     if account.tls == TlsMode::Starttls && matches!(account.connect, Connect::Tcp { .. }) {
         conn = starttls(account, conn, caps.take()).await?;
     }
-    let caps = match caps {
-        Some(c) => c,
-        None => capabilities(&mut conn).await.map_err(unavailable)?,
-    };
+    let caps = known_or_asked(&mut conn, caps).await?;
     let caps = login(account, &mut conn, &caps).await?;
-    let caps = match caps {
-        Some(c) => c,
-        None => capabilities(&mut conn).await.map_err(unavailable)?,
-    };
+    let caps = known_or_asked(&mut conn, caps).await?;
     ready(account, conn, caps, t.wire, tunnel).await
 }
 
@@ -169,6 +160,18 @@ async fn greeting(conn: &mut Conn, tunnel: bool) -> Result<Greeting> {
     }
 }
 
+/// The capabilities the server volunteered, or else asked for: a round
+/// trip only where it said nothing.
+async fn known_or_asked(
+    conn: &mut Conn,
+    known: Option<HashSet<String>>,
+) -> Result<HashSet<String>, ConnectError> {
+    match known {
+        Some(c) => Ok(c),
+        None => capabilities(conn).await.map_err(unavailable),
+    }
+}
+
 /// CAPABILITY, upper-cased, AUTH= ones included.
 pub(super) async fn capabilities(conn: &mut Conn) -> Result<HashSet<String>, ImapError> {
     let mut caps = HashSet::new();
@@ -188,10 +191,7 @@ async fn starttls(
     caps: Option<HashSet<String>>,
 ) -> Result<Conn, ConnectError> {
     let peer = conn.peer.clone();
-    let caps = match caps {
-        Some(c) => c,
-        None => capabilities(&mut conn).await.map_err(unavailable)?,
-    };
+    let caps = known_or_asked(&mut conn, caps).await?;
     if !caps.contains("STARTTLS") {
         return Err(unavailable(anyhow!(
             "{peer} does not offer STARTTLS; refusing to log in without TLS \
@@ -227,7 +227,7 @@ async fn login(
              (a tunnel without PREAUTH needs `username` and a password)"
         )));
     }
-    conn.literal_plus = caps.contains("LITERAL+") || caps.contains("LITERAL-");
+    conn.use_capabilities(caps);
     let password = read_password(&account.password).map_err(ConnectError::Auth)?;
     let done = if caps.contains("AUTH=PLAIN") {
         let response = plain_response(&account.username, &password);
@@ -324,7 +324,7 @@ async fn ready(
     wire: WireStats,
     tunnel: Option<TunnelInfo>,
 ) -> Result<Imap, ConnectError> {
-    conn.literal_plus = caps.contains("LITERAL+") || caps.contains("LITERAL-");
+    conn.use_capabilities(&caps);
     let normal_limit = wire.limit_ms.load(Ordering::Relaxed);
     let mut imap = Imap {
         peer: conn.peer.clone(),

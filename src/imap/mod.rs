@@ -145,11 +145,6 @@ impl Imap {
         self.caps.contains(cap)
     }
 
-    /// COMPRESS=DEFLATE is active on this connection.
-    pub fn compressed(&self) -> bool {
-        self.compressed
-    }
-
     /// The daemon will IDLE on this connection.
     pub fn mark_for_idle(&mut self) {
         self.will_idle = true;
