@@ -15,7 +15,7 @@
 //! signal handlers, so tests and other callers can drive the daemon with a
 //! channel (the mini-redis shape: shutdown is a parameter).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -470,6 +470,9 @@ async fn serve(
         imap.mark_for_idle();
     }
     let mut retry = RetrySchedule::new(account.retry_interval, account.retry_max);
+    // Mailboxes whose ledger row may hold a retry time, to clear once none
+    // is due: all of them at first (a time left by an earlier run).
+    let mut on_record: HashSet<String> = spec.mailboxes.iter().map(|m| m.name.clone()).collect();
     loop {
         let mut deferred = Vec::new();
         for mb in &spec.mailboxes {
@@ -505,8 +508,16 @@ async fn serve(
         }
         // Deferred mail is retried on its own schedule, not only when new
         // mail comes or at the next catch-up.
-        let retry_in =
-            schedule_retry(account, ledger, now, &mut retry, &spec.mailboxes, &deferred).await?;
+        let retry_in = schedule_retry(
+            account,
+            ledger,
+            now,
+            &mut retry,
+            &mut on_record,
+            &spec.mailboxes,
+            &deferred,
+        )
+        .await?;
         if idle {
             // Re-issued before idle_timeout, and a pass at least every
             // catchup_interval: an IDLE that died silently costs minutes.
@@ -536,12 +547,15 @@ async fn serve(
 
 /// After the passes of one round: the wait before deferred mail is tried
 /// again (None when nothing is deferred), logged, and written to the
-/// ledger for `imapull status`.
+/// ledger for `imapull status`. The ledger is written only for a mailbox
+/// with a retry to record or one to clear (`on_record`), not on every
+/// wake-up of every idle mailbox.
 async fn schedule_retry(
     account: &crate::config::Account,
     ledger: &LedgerHandle,
     now: &Clock,
     retry: &mut RetrySchedule,
+    on_record: &mut HashSet<String>,
     mailboxes: &[crate::config::MailboxConfig],
     deferred: &[(String, u32)],
 ) -> Result<Option<Duration>> {
@@ -564,6 +578,12 @@ async fn schedule_retry(
             }
             _ => None,
         };
+        if at.is_none() && !on_record.remove(&mb.name) {
+            continue;
+        }
+        if at.is_some() {
+            on_record.insert(mb.name.clone());
+        }
         let (a, m) = (account.name.clone(), mb.name.clone());
         ledger.call(move |l| l.set_retry(&a, &m, at)).await?;
     }
