@@ -155,17 +155,27 @@ impl Imap {
     /// no error: the pass goes on uncompressed.
     pub async fn compress_for(&mut self, bytes: u64) -> Result<()> {
         let rtt = self.conn.min_rtt();
-        if !should_compress(
+        let yes = should_compress(
             self.compress,
             self.has("COMPRESS=DEFLATE"),
             self.compressed,
             self.will_idle,
             rtt,
             bytes,
-        ) {
+        );
+        // The measured round trip, in microseconds, either way: what `auto`
+        // judged the link by.
+        let rtt_us = rtt.map(|r| r.as_micros());
+        if !yes {
+            tracing::debug!(peer = self.peer, rtt_us, bytes, "not compressing this pass");
             return Ok(());
         }
-        tracing::debug!(peer = self.peer, ?rtt, bytes, "turning COMPRESS=DEFLATE on");
+        tracing::debug!(
+            peer = self.peer,
+            rtt_us,
+            bytes,
+            "turning COMPRESS=DEFLATE on"
+        );
         match self.start_compress().await {
             Err(e) if e.is_refusal() => {
                 tracing::debug!(peer = self.peer, "{e}; going on uncompressed");
