@@ -29,7 +29,7 @@ use tracing::Instrument as _;
 use crate::config::{Account, Config, MailboxConfig};
 use crate::deliver::Sessions;
 use crate::imap::{ConnectError, IdleEnd, Imap};
-use crate::ledger::{Ledger, LedgerHandle};
+use crate::ledger::{Ledger, LedgerHandle, MailboxLedger};
 use crate::lock::{self, AccountLock};
 use crate::pull::Ctx;
 use crate::{work_mailbox, Clock, Mode};
@@ -584,8 +584,9 @@ async fn schedule_retry(
         if at.is_some() {
             on_record.insert(mb.name.clone());
         }
-        let (a, m) = (account.name.clone(), mb.name.clone());
-        ledger.call(move |l| l.set_retry(&a, &m, at)).await?;
+        MailboxLedger::new(ledger, &account.name, &mb.name)
+            .set_retry(at)
+            .await?;
     }
     Ok(delay)
 }

@@ -18,7 +18,7 @@ use anyhow::{bail, Result};
 
 use crate::config::{Account, MailboxConfig};
 use crate::imap::Imap;
-use crate::ledger::{LedgerHandle, PurgeRow, State};
+use crate::ledger::{LedgerHandle, MailboxLedger, PurgeRow, PurgeView, State};
 
 /// What retention a mailbox has, resolved from the config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -213,16 +213,12 @@ pub async fn purge_mailbox(
     let Some(after) = mb.purge_after else {
         return Ok(PurgeReport::default());
     };
-    let (a, m) = (account.name.clone(), mb.name.clone());
-    let (state, last, rows) = ledger
-        .call(move |l| {
-            Ok((
-                l.mailbox_state(&a, &m)?,
-                l.last_purge_at(&a, &m)?,
-                l.purge_rows(&a, &m)?,
-            ))
-        })
-        .await?;
+    let mbl = MailboxLedger::new(ledger, &account.name, &mb.name);
+    let PurgeView {
+        state,
+        last_purge_at: last,
+        rows,
+    } = mbl.for_purge().await?;
     let Some(state) = state else {
         return Ok(PurgeReport::default());
     };
@@ -269,9 +265,8 @@ pub async fn purge_mailbox(
         }
     };
     report.removed = removed.len();
-    let (a, m, uv) = (account.name.clone(), mb.name.clone(), state.uidvalidity);
-    ledger
-        .call(move |l| l.mark_purged(&a, &m, uv, &removed, now))
+    mbl.epoch(state.uidvalidity)
+        .mark_purged(removed, now)
         .await?;
     Ok(report)
 }
@@ -287,11 +282,12 @@ pub async fn dry_run(
         let Some(after) = mb.purge_after else {
             continue;
         };
-        let (a, m) = (account.name.clone(), mb.name.clone());
-        let (state, rows) = ledger
-            .call(move |l| Ok((l.mailbox_state(&a, &m)?, l.purge_rows(&a, &m)?)))
+        let view = MailboxLedger::new(ledger, &account.name, &mb.name)
+            .for_purge()
             .await?;
-        let Some(state) = state else { continue };
+        let (Some(state), rows) = (view.state, view.rows) else {
+            continue;
+        };
         let policy = Policy {
             after,
             max: account.purge_max as usize,

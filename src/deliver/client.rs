@@ -51,7 +51,8 @@ pub struct Delivery {
 }
 
 impl Delivery {
-    fn all(outcome: Outcome, reply: impl Into<String>) -> Delivery {
+    /// The same outcome for every recipient, none of whom accepted it.
+    pub fn all(outcome: Outcome, reply: impl Into<String>) -> Delivery {
         Delivery {
             outcome,
             reply: reply.into(),

@@ -11,7 +11,10 @@
 //! runs each call on tokio's blocking pool so that an fsync never stalls an
 //! IMAP or SMTP socket.
 
+mod mailbox;
 mod migrations;
+
+pub use mailbox::{Epoch, MailboxLedger, PurgeView};
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -104,6 +107,30 @@ pub struct Attempt {
 pub struct Pending {
     pub uid: u32,
     pub delivered_to: Vec<String>,
+}
+
+/// What the ledger knows of a mailbox under one UIDVALIDITY, read once
+/// at the start of a pass, for its plan.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Known {
+    /// Delivered, `\Seen` not stored yet (a crash or a lost connection
+    /// between delivery and STORE).
+    pub unflagged: Vec<u32>,
+    /// Deferred, oldest UID first.
+    pub pending: Vec<Pending>,
+    /// UIDs at or above the watermark that have a row, whatever its state.
+    pub from_watermark: HashSet<u32>,
+}
+
+/// What the end of a pass writes, in one transaction.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PassClose {
+    /// Deferred before, gone from the server now.
+    pub vanished: Vec<u32>,
+    /// `\Seen` stored on these.
+    pub flagged: Vec<u32>,
+    /// The new watermark; None when the pass was not whole.
+    pub watermark: Option<u32>,
 }
 
 /// A row as the retention planner sees it.
@@ -266,16 +293,7 @@ impl Ledger {
         state: MailboxState,
         now: i64,
     ) -> Result<()> {
-        self.conn.execute(
-            "INSERT INTO mailbox (account, mailbox, uidvalidity, watermark, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT (account, mailbox) DO UPDATE SET
-               uidvalidity = excluded.uidvalidity,
-               watermark = excluded.watermark,
-               updated_at = excluded.updated_at",
-            params![account, mailbox, state.uidvalidity, state.watermark, now],
-        )?;
-        Ok(())
+        set_mailbox_state(&self.conn, account, mailbox, state, now)
     }
 
     /// UIDs at or above `from` that already have a row, whatever its state.
@@ -407,26 +425,41 @@ impl Ledger {
         Ok(())
     }
 
-    /// Marks deferred messages that are no longer on the server.
-    pub fn mark_vanished(
+    /// What a pass plans from, in one read: see [`Known`].
+    pub fn known(
+        &self,
+        account: &str,
+        mailbox: &str,
+        uidvalidity: u32,
+        watermark: u32,
+    ) -> Result<Known> {
+        Ok(Known {
+            unflagged: self.unflagged(account, mailbox, uidvalidity)?,
+            pending: self.pending(account, mailbox, uidvalidity)?,
+            from_watermark: self.known_uids_from(account, mailbox, uidvalidity, watermark)?,
+        })
+    }
+
+    /// The end of a pass, in one transaction: the deferred messages found
+    /// gone, the `\Seen` flags stored, and the new watermark (for a whole
+    /// pass only).
+    pub fn close_pass(
         &mut self,
         account: &str,
         mailbox: &str,
         uidvalidity: u32,
-        uids: &[u32],
+        close: &PassClose,
         now: i64,
     ) -> Result<()> {
         let tx = self.conn.transaction()?;
-        {
-            let mut st = tx.prepare_cached(
-                "UPDATE message SET state = 'vanished', updated_at = ?5,
-                   last_reply = 'no longer on the server when retried'
-                 WHERE account = ?1 AND mailbox = ?2 AND uidvalidity = ?3 AND uid = ?4
-                   AND state = 'deferred'",
-            )?;
-            for uid in uids {
-                st.execute(params![account, mailbox, uidvalidity, uid, now])?;
-            }
+        mark_vanished(&tx, account, mailbox, uidvalidity, &close.vanished, now)?;
+        mark_flagged(&tx, account, mailbox, uidvalidity, &close.flagged)?;
+        if let Some(watermark) = close.watermark {
+            let state = MailboxState {
+                uidvalidity,
+                watermark,
+            };
+            set_mailbox_state(&tx, account, mailbox, state, now)?;
         }
         tx.commit()?;
         Ok(())
@@ -453,15 +486,7 @@ impl Ledger {
         uids: &[u32],
     ) -> Result<()> {
         let tx = self.conn.transaction()?;
-        {
-            let mut st = tx.prepare_cached(
-                "UPDATE message SET flagged = 1
-                 WHERE account = ?1 AND mailbox = ?2 AND uidvalidity = ?3 AND uid = ?4",
-            )?;
-            for uid in uids {
-                st.execute(params![account, mailbox, uidvalidity, uid])?;
-            }
-        }
+        mark_flagged(&tx, account, mailbox, uidvalidity, uids)?;
         tx.commit()?;
         Ok(())
     }
@@ -514,21 +539,8 @@ impl Ledger {
                     now
                 ])?;
             }
-            tx.execute(
-                "INSERT INTO mailbox (account, mailbox, uidvalidity, watermark, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (account, mailbox) DO UPDATE SET
-                   uidvalidity = excluded.uidvalidity, watermark = excluded.watermark,
-                   updated_at = excluded.updated_at",
-                params![
-                    account,
-                    mailbox,
-                    new_state.uidvalidity,
-                    new_state.watermark,
-                    now
-                ],
-            )?;
         }
+        set_mailbox_state(&tx, account, mailbox, new_state, now)?;
         tx.commit()?;
         Ok(())
     }
@@ -622,6 +634,72 @@ impl Ledger {
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
+}
+
+/// The statements that a standalone call and a pass's closing transaction
+/// share; `c` is the connection or an open transaction.
+fn set_mailbox_state(
+    c: &Connection,
+    account: &str,
+    mailbox: &str,
+    state: MailboxState,
+    now: i64,
+) -> Result<()> {
+    c.prepare_cached(
+        "INSERT INTO mailbox (account, mailbox, uidvalidity, watermark, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (account, mailbox) DO UPDATE SET
+           uidvalidity = excluded.uidvalidity,
+           watermark = excluded.watermark,
+           updated_at = excluded.updated_at",
+    )?
+    .execute(params![
+        account,
+        mailbox,
+        state.uidvalidity,
+        state.watermark,
+        now
+    ])?;
+    Ok(())
+}
+
+/// Marks deferred messages that are no longer on the server.
+fn mark_vanished(
+    c: &Connection,
+    account: &str,
+    mailbox: &str,
+    uidvalidity: u32,
+    uids: &[u32],
+    now: i64,
+) -> Result<()> {
+    let mut st = c.prepare_cached(
+        "UPDATE message SET state = 'vanished', updated_at = ?5,
+           last_reply = 'no longer on the server when retried'
+         WHERE account = ?1 AND mailbox = ?2 AND uidvalidity = ?3 AND uid = ?4
+           AND state = 'deferred'",
+    )?;
+    for uid in uids {
+        st.execute(params![account, mailbox, uidvalidity, uid, now])?;
+    }
+    Ok(())
+}
+
+/// Records that `\Seen` is stored on these messages.
+fn mark_flagged(
+    c: &Connection,
+    account: &str,
+    mailbox: &str,
+    uidvalidity: u32,
+    uids: &[u32],
+) -> Result<()> {
+    let mut st = c.prepare_cached(
+        "UPDATE message SET flagged = 1
+         WHERE account = ?1 AND mailbox = ?2 AND uidvalidity = ?3 AND uid = ?4",
+    )?;
+    for uid in uids {
+        st.execute(params![account, mailbox, uidvalidity, uid])?;
+    }
+    Ok(())
 }
 
 /// A ledger shared by the tasks of one run; every call runs on the blocking
@@ -747,6 +825,50 @@ mod tests {
         assert_eq!(rows[0].delivered_at, Some(1000));
         assert!(l.pending("a", "INBOX", 7).unwrap().is_empty());
         assert_eq!(l.unflagged("a", "INBOX", 7).unwrap(), vec![5]);
+    }
+
+    /// What a pass reads once and what it commits at the end.
+    #[test]
+    fn known_then_close_pass() {
+        let dir = tempdir();
+        let mut l = Ledger::open(&dir.path().join("l.sqlite3")).unwrap();
+        let start = MailboxState {
+            uidvalidity: 7,
+            watermark: 10,
+        };
+        l.set_mailbox_state("a", "INBOX", start, 1).unwrap();
+        l.record(&attempt(3, State::Deferred, &[])).unwrap();
+        l.record(&attempt(4, State::Delivered, &[])).unwrap();
+        l.record(&attempt(11, State::Rejected, &[])).unwrap();
+        let k = l.known("a", "INBOX", 7, 10).unwrap();
+        assert_eq!(k.unflagged, vec![4]);
+        assert_eq!(k.pending.iter().map(|p| p.uid).collect::<Vec<_>>(), vec![3]);
+        assert_eq!(k.from_watermark, HashSet::from([11]));
+        // A pass that was not whole: the vanished and the flags, no watermark.
+        let close = PassClose {
+            vanished: vec![3, 4],
+            flagged: vec![4],
+            watermark: None,
+        };
+        l.close_pass("a", "INBOX", 7, &close, 2).unwrap();
+        assert_eq!(l.mailbox_state("a", "INBOX").unwrap(), Some(start));
+        let rows = l.rows(None).unwrap();
+        let state = |uid| rows.iter().find(|r| r.uid == uid).unwrap().state.clone();
+        // Only a deferred row becomes vanished.
+        assert_eq!(
+            (state(3).as_str(), state(4).as_str()),
+            ("vanished", "delivered")
+        );
+        assert!(l.unflagged("a", "INBOX", 7).unwrap().is_empty());
+        let whole = PassClose {
+            watermark: Some(12),
+            ..PassClose::default()
+        };
+        l.close_pass("a", "INBOX", 7, &whole, 3).unwrap();
+        assert_eq!(
+            l.mailbox_state("a", "INBOX").unwrap().unwrap().watermark,
+            12
+        );
     }
 
     #[test]

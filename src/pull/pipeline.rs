@@ -1,0 +1,530 @@
+//! The middle of a pass: the plan's messages fetched, delivered and
+//! recorded, one ledger write per message.
+//!
+//! The FETCH stream ([`feed`]) fills a bounded channel and the delivery
+//! sessions ([`session_worker`]) drain it, so fetching overlaps delivering,
+//! and memory holds a few messages, at most about [`IN_FLIGHT_BYTES`] plus
+//! the largest, whatever the size of the mailbox. Messages are accepted one
+//! at a time, in UID order: each one's final "." waits for its [`Turn`],
+//! passed when the message before has its outcome committed and fsynced,
+//! while its body is already on the wire.
+
+use std::collections::HashMap;
+
+use anyhow::{anyhow, Context as _, Result};
+use futures_util::FutureExt as _;
+
+use super::{Ctx, PassReport};
+use crate::config::{Account, SenderPolicy};
+use crate::deliver::client::{no_barrier, Barrier};
+use crate::deliver::{headers, Deliverer, Delivery, Envelope, Outcome, Sessions};
+use crate::imap::{byte_batches, uid_sets, Fetch, Imap, FETCH_ITEMS};
+use crate::ledger::{Attempt, Epoch, LedgerFailure, State};
+
+/// Messages fetched and waiting for a delivery session, besides one per
+/// session. Two keep the sessions busy while the next message arrives;
+/// more would only cost memory.
+pub const PIPELINE_DEPTH: usize = 2;
+
+/// Bytes of fetched messages waiting for or in delivery, over all sessions.
+/// A bigger message takes the whole budget and so goes alone: memory stays
+/// near this plus the largest message, however many sessions there are.
+pub const IN_FLIGHT_BYTES: usize = 8 << 20;
+
+/// Bytes asked for in one UID FETCH (a bigger message goes alone).
+pub const FETCH_BATCH_BYTES: u64 = 16 << 20;
+
+/// What the fetch and the deliveries did.
+pub struct Run {
+    /// UIDs whose outcome is recorded, sorted.
+    pub attempted: Vec<u32>,
+    /// Delivered, `\Seen` to be stored (with `mark_seen`).
+    pub to_flag: Vec<u32>,
+    /// Delivery stopped before the end (deferrals in a row, a signal).
+    pub stopped_early: bool,
+    /// The FETCH failed part-way (NO, BAD, a drop): the pass is an error.
+    pub fetch_error: Option<anyhow::Error>,
+}
+
+/// A fetched message and its share of [`IN_FLIGHT_BYTES`], released when
+/// its delivery is over.
+type InFlight = (Fetch, tokio::sync::OwnedSemaphorePermit);
+
+/// The fetch side's end of the pipeline.
+struct Feed {
+    tx: tokio::sync::mpsc::Sender<InFlight>,
+    budget: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+impl Feed {
+    /// Hands a message of `len` bytes to the sessions once the budget has
+    /// room; false when delivery has stopped.
+    async fn hand_over(&self, f: Fetch, len: usize) -> bool {
+        let share = len.clamp(1, IN_FLIGHT_BYTES) as u32;
+        let permit = self
+            .budget
+            .clone()
+            .acquire_many_owned(share)
+            .await
+            .expect("the semaphore is never closed");
+        self.tx.send((f, permit)).await.is_ok()
+    }
+}
+
+/// What the delivery sessions take messages from, in UID order, and the
+/// order in which they may complete.
+struct Queue {
+    rx: tokio::sync::mpsc::Receiver<InFlight>,
+    /// Passed when the message taken last has its outcome recorded and
+    /// fsynced: the next message's final "." waits for it. So however many
+    /// sessions there are, at most one message at a time is between the
+    /// local server's acceptance and a durable ledger row (the duplicate
+    /// window of DESIGN.md), and messages are accepted in UID order.
+    last: Barrier,
+}
+
+/// What a pass's sessions share.
+struct Shared<'a> {
+    ctx: &'a Ctx<'a>,
+    ledger: &'a Epoch,
+    /// Who already has each deferred message.
+    already: &'a HashMap<u32, Vec<String>>,
+    queue: tokio::sync::Mutex<Queue>,
+    tally: std::sync::Mutex<Tally>,
+}
+
+/// What the sessions did, shared between them.
+#[derive(Default)]
+struct Tally {
+    /// Sorted once the pass is over.
+    attempted: Vec<u32>,
+    to_flag: Vec<u32>,
+    delivered: u32,
+    rejected: u32,
+    deferred: u32,
+    consecutive_deferrals: u32,
+    stopped: bool,
+}
+
+impl Tally {
+    /// Counts one outcome; true when it makes `max_deferrals` in a row.
+    fn count(&mut self, uid: u32, outcome: Outcome, account: &Account) -> bool {
+        self.attempted.push(uid);
+        match outcome {
+            Outcome::Delivered => {
+                self.delivered += 1;
+                self.consecutive_deferrals = 0;
+                if account.mark_seen {
+                    self.to_flag.push(uid);
+                }
+                false
+            }
+            Outcome::Rejected => {
+                self.rejected += 1;
+                self.consecutive_deferrals = 0;
+                false
+            }
+            Outcome::Deferred => {
+                self.deferred += 1;
+                self.consecutive_deferrals += 1;
+                self.consecutive_deferrals >= account.max_deferrals && !self.stopped
+            }
+        }
+    }
+}
+
+/// Fetches the messages of `groups` (in that order) and delivers and
+/// records each. An `Err` is a ledger failure, which stops everything; an
+/// IMAP failure comes back in [`Run::fetch_error`], after what was fetched
+/// before it is delivered and recorded.
+pub async fn run(
+    ctx: &Ctx<'_>,
+    imap: &mut Imap,
+    sessions: &mut Sessions,
+    ledger: &Epoch,
+    groups: &[&[u32]],
+    already: &HashMap<u32, Vec<String>>,
+    report: &mut PassReport,
+) -> Result<Run> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<InFlight>(sessions.0.len() + PIPELINE_DEPTH);
+    let feed = Feed {
+        tx,
+        budget: std::sync::Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT_BYTES)),
+    };
+    let shared = Shared {
+        ctx,
+        ledger,
+        already,
+        queue: tokio::sync::Mutex::new(Queue {
+            rx,
+            last: no_barrier(),
+        }),
+        tally: std::sync::Mutex::new(Tally::default()),
+    };
+    let (fetched, delivered) = tokio::join!(
+        feed_all(ctx.account, imap, groups, feed),
+        drain(&shared, sessions)
+    );
+    let t = delivered?;
+    report.delivered += t.delivered;
+    report.rejected += t.rejected;
+    report.deferred += t.deferred;
+    Ok(Run {
+        attempted: t.attempted,
+        to_flag: t.to_flag,
+        stopped_early: t.stopped,
+        fetch_error: fetched.err(),
+    })
+}
+
+/// The fetch side: sizes first (for the batches, the size limit and
+/// COMPRESS), then the bodies, batch by batch.
+async fn feed_all(account: &Account, imap: &mut Imap, groups: &[&[u32]], feed: Feed) -> Result<()> {
+    // Sorted: a few bytes a message, looked up by binary search (a first
+    // pull may ask for hundreds of thousands).
+    let mut wanted: Vec<u32> = groups.iter().flat_map(|g| g.iter().copied()).collect();
+    wanted.sort_unstable();
+    wanted.dedup();
+    // One message is one batch whatever its size: no need to ask (the
+    // daemon's usual case, a round trip saved).
+    let sizes = if wanted.len() > 1 {
+        imap.sizes(&wanted).await?
+    } else {
+        HashMap::new()
+    };
+    let max = account.max_message_size;
+    // COMPRESS, if the link is slow and this much pays for it.
+    let bytes: u64 = sizes.values().filter(|s| **s <= max).sum();
+    imap.compress_for(bytes).await?;
+    // Too large by RFC822.SIZE: recorded as rejected, never fetched. (One
+    // without a known size is caught by the literal's announced size.)
+    let too_large: HashMap<u32, u64> = sizes
+        .iter()
+        .filter(|(_, s)| **s > max)
+        .map(|(u, s)| (*u, *s))
+        .collect();
+    // Batches of about FETCH_BATCH_BYTES: when delivery stops early (the
+    // local server is down, a signal), only the rest of the current batch
+    // is still downloaded, not the whole mailbox.
+    let batches: Vec<Vec<u32>> = groups
+        .iter()
+        .flat_map(|g| byte_batches(g, &sizes, FETCH_BATCH_BYTES))
+        .collect();
+    drop(sizes);
+    for batch in batches {
+        let (big, batch): (Vec<u32>, Vec<u32>) =
+            batch.into_iter().partition(|u| too_large.contains_key(u));
+        for uid in big {
+            if !feed
+                .hand_over(Fetch::too_large(uid, too_large[&uid]), 0)
+                .await
+            {
+                return Ok(());
+            }
+        }
+        for set in uid_sets(&batch) {
+            if !feed_one(imap, &set, &wanted, &feed).await? {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One UID FETCH, its messages handed over as they come; false when
+/// delivery stopped meanwhile (the rest of the response is still read, so
+/// the connection stays usable).
+async fn feed_one(imap: &mut Imap, set: &str, wanted: &[u32], feed: &Feed) -> Result<bool> {
+    let peer = imap.peer.clone();
+    let mut stream = imap.fetch(set, FETCH_ITEMS).await?;
+    let mut receiver_gone = false;
+    // No timeout around a whole item: the socket's idle timeout bounds
+    // silence, and a big message may take long on a slow link. The stream
+    // ends only with the tagged OK; NO, BAD or a drop is an error.
+    while let Some(f) = stream
+        .next()
+        .await
+        .with_context(|| format!("UID FETCH from {peer}"))?
+    {
+        // Unsolicited FETCHes (another client's flag change) carry no
+        // body; they are not ours.
+        let ours = f.uid.is_some_and(|u| wanted.binary_search(&u).is_ok());
+        let len = match (f.body(), f.body_too_large()) {
+            (Some(b), _) => b.len(),
+            (None, Some(_)) => 0,
+            (None, None) => continue,
+        };
+        if ours && !receiver_gone {
+            receiver_gone = !feed.hand_over(f, len).await;
+        }
+    }
+    Ok(!receiver_gone)
+}
+
+/// The delivery side: every session's worker until the queue is empty or
+/// delivery stops; then the last record's fsync, before anything else
+/// (flags, the watermark) may follow.
+async fn drain(shared: &Shared<'_>, sessions: &mut Sessions) -> Result<Tally> {
+    let workers = sessions.0.iter_mut().map(|d| session_worker(shared, d));
+    let results = futures_util::future::join_all(workers).await;
+    // Dropping the receiver tells the fetch side to stop sending.
+    let last = {
+        let mut q = shared.queue.lock().await;
+        q.rx.close();
+        while q.rx.try_recv().is_ok() {}
+        std::mem::replace(&mut q.last, no_barrier())
+    };
+    let synced = last.await;
+    let mut t = std::mem::take(&mut *tally_of(&shared.tally));
+    t.attempted.sort_unstable();
+    // A ledger failure is fatal: nothing more may be delivered unrecorded.
+    results.into_iter().collect::<Result<Vec<()>>>()?;
+    synced
+        .map_err(|e| anyhow!("syncing the ledger: {e}"))
+        .map_err(|e| e.context(LedgerFailure))?;
+    Ok(t)
+}
+
+/// One delivery session's loop: take the next message, deliver it (its
+/// final "." waiting for the previous message's turn), record it, and hand
+/// the turn on once the record is on disk.
+async fn session_worker(shared: &Shared<'_>, deliverer: &mut Deliverer) -> Result<()> {
+    let (ctx, mailbox) = (shared.ctx, shared.ledger.mailbox());
+    loop {
+        if tally_of(&shared.tally).stopped {
+            return Ok(());
+        }
+        let Some(((f, _permit), turn)) = next_turn(&shared.queue).await else {
+            return Ok(());
+        };
+        if ctx.stopping() || tally_of(&shared.tally).stopped {
+            let mut t = tally_of(&shared.tally);
+            if !t.stopped && ctx.stopping() {
+                tracing::info!(mailbox, "stopping: the rest waits for the next start");
+            }
+            t.stopped = true;
+            turn.pass_on()(Ok(()));
+            return Ok(());
+        }
+        // On an error the turn is dropped: the next message's barrier
+        // fails and it is not completed either; the other sessions take
+        // no new message.
+        let outcome = match deliver_one(shared, deliverer, &f, turn).await {
+            Ok(o) => o,
+            Err(e) => {
+                tally_of(&shared.tally).stopped = true;
+                return Err(e);
+            }
+        };
+        let uid = f.uid.expect("checked by the fetch side");
+        let mut t = tally_of(&shared.tally);
+        if t.count(uid, outcome, ctx.account) {
+            tracing::warn!(
+                mailbox,
+                "{} deliveries in a row deferred by {}; \
+                 stopping this pass, the rest stays on the server",
+                t.consecutive_deferrals,
+                deliverer.target()
+            );
+            t.stopped = true;
+        }
+    }
+}
+
+/// The next message and its turn, or None once the fetch side is done.
+async fn next_turn(queue: &tokio::sync::Mutex<Queue>) -> Option<(InFlight, Turn)> {
+    let mut q = queue.lock().await;
+    let item = q.rx.recv().await?;
+    let (done, turn) = tokio::sync::oneshot::channel();
+    let next = async move {
+        turn.await
+            .unwrap_or_else(|_| Err("the previous delivery did not finish".into()))
+    }
+    .boxed()
+    .shared();
+    let prev = std::mem::replace(&mut q.last, next);
+    Some((item, Turn { prev, done }))
+}
+
+/// The tally, also after a panic elsewhere (it is only counters).
+fn tally_of(t: &std::sync::Mutex<Tally>) -> std::sync::MutexGuard<'_, Tally> {
+    t.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A message's place in the order of acceptance: what its final "." waits
+/// for, and how it lets the next message go.
+struct Turn {
+    prev: Barrier,
+    done: tokio::sync::oneshot::Sender<Result<(), String>>,
+}
+
+impl Turn {
+    /// What to do once this message's ledger row is on disk (or could not
+    /// get there): let the next message go, as soon as the previous one
+    /// has too. Runs on the ledger's thread, which wakes the next message
+    /// directly when, as usual, the previous one is long done.
+    fn pass_on(self) -> impl FnOnce(Result<()>) + Send + 'static {
+        let Turn { prev, done } = self;
+        let runtime = tokio::runtime::Handle::current();
+        move |synced: Result<()>| {
+            let synced = synced.map_err(|e| format!("{e:#}"));
+            match prev.peek().cloned() {
+                Some(r) => {
+                    let _ = done.send(r.and(synced));
+                }
+                None => {
+                    runtime.spawn(async move {
+                        let r = prev.await;
+                        let _ = done.send(r.and(synced));
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// Delivers one message, records the outcome, and passes the turn on once
+/// the record is on disk.
+async fn deliver_one(
+    shared: &Shared<'_>,
+    deliverer: &mut Deliverer,
+    f: &Fetch,
+    turn: Turn,
+) -> Result<Outcome> {
+    let (a, ledger) = (shared.ctx.account, shared.ledger);
+    let uid = f.uid.expect("checked by the fetch side");
+    // Empty for a message over max_message_size, which is not sent.
+    let body = f.body().unwrap_or_default();
+    let done: &[String] = shared.already.get(&uid).map(Vec::as_slice).unwrap_or(&[]);
+    let env = envelope(a, body, done);
+    let now = (shared.ctx.now)();
+    let d = if let Some(size) = f.body_too_large() {
+        Delivery::all(
+            Outcome::Rejected,
+            format!(
+                "not fetched: the message has {size} bytes, more than max_message_size \
+                 ({} bytes)",
+                a.max_message_size
+            ),
+        )
+    } else if env.recipients.is_empty() {
+        // Every recipient already has it (a crash after the last LMTP
+        // reply): nothing to send.
+        Delivery::all(
+            Outcome::Delivered,
+            "every recipient had already accepted it",
+        )
+    } else {
+        let prefix = if a.add_received {
+            received_header(a, ledger.mailbox(), ledger.uidvalidity(), uid, now)
+        } else {
+            Vec::new()
+        };
+        deliverer
+            .deliver(&env, &prefix, body, Some(turn.prev.clone()))
+            .await
+            // Not sent: the previous delivery may not be on disk. Stop.
+            .map_err(|e| anyhow::Error::new(e).context(LedgerFailure))?
+    };
+    let mut delivered_to = done.to_vec();
+    delivered_to.extend(d.accepted.iter().cloned());
+    let attempt = Attempt {
+        key: ledger.key(uid),
+        message_id: headers::message_id(body),
+        size: f.body_too_large().unwrap_or(body.len() as u64),
+        internaldate: f.internal_date_rfc3339(),
+        state: match d.outcome {
+            Outcome::Delivered => State::Delivered,
+            Outcome::Deferred => State::Deferred,
+            Outcome::Rejected => State::Rejected,
+        },
+        reply: d.reply.clone(),
+        delivered_to,
+        now,
+    };
+    let message_id = attempt.message_id.clone();
+    ledger
+        .record_then_sync(attempt, turn.pass_on())
+        .await
+        .unwrap_or_else(|_| Err(anyhow!("the ledger task ended").context(LedgerFailure)))
+        .context("recording a delivery in the ledger")?;
+    log_outcome(
+        ledger.mailbox(),
+        uid,
+        body.len(),
+        message_id,
+        &env.sender,
+        &d,
+    );
+    Ok(d.outcome)
+}
+
+/// The envelope of a message: its sender as the account says, and the
+/// recipients that do not have it yet.
+fn envelope(a: &Account, body: &[u8], done: &[String]) -> Envelope {
+    Envelope {
+        sender: match &a.sender {
+            SenderPolicy::Auto => headers::envelope_sender(body),
+            SenderPolicy::Fixed(s) => s.clone(),
+        },
+        recipients: a
+            .recipients
+            .iter()
+            .filter(|r| !done.contains(r))
+            .cloned()
+            .collect(),
+    }
+}
+
+/// One line per message; the level says how it went.
+fn log_outcome(
+    mailbox: &str,
+    uid: u32,
+    size: usize,
+    message_id: Option<String>,
+    sender: &str,
+    d: &Delivery,
+) {
+    let mid = message_id.as_deref().unwrap_or("-");
+    macro_rules! log {
+        ($level:ident, $what:literal) => {
+            tracing::$level!(
+                mailbox,
+                uid,
+                size,
+                message_id = mid,
+                sender,
+                reply = d.reply,
+                $what
+            )
+        };
+    }
+    match d.outcome {
+        Outcome::Delivered => log!(info, "delivered"),
+        Outcome::Deferred => log!(warn, "deferred"),
+        Outcome::Rejected => log!(error, "rejected (quarantined)"),
+    }
+}
+
+/// A trace header naming where the message came from (RFC 5321 section
+/// 4.4 style). Only printable ASCII from the config goes in.
+fn received_header(a: &Account, mailbox: &str, uv: u32, uid: u32, now: i64) -> Vec<u8> {
+    let clean = |s: &str| -> String {
+        s.chars()
+            .filter(|c| c.is_ascii_graphic() && !matches!(c, '(' | ')' | '\\' | ';'))
+            .collect()
+    };
+    let date = chrono::DateTime::from_timestamp(now, 0)
+        .unwrap_or_default()
+        .to_rfc2822();
+    format!(
+        "Received: from {host} by {by} with IMAP (imapull {v})\r\n\
+         \tid {uv}.{uid} (account {acct}, mailbox {mb}); {date}\r\n",
+        host = clean(&a.host),
+        by = clean(&a.ehlo),
+        v = env!("CARGO_PKG_VERSION"),
+        acct = clean(&a.name),
+        mb = clean(&crate::imap::utf7::encode(mailbox)),
+    )
+    .into_bytes()
+}
