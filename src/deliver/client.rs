@@ -16,6 +16,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpStream, UnixStream};
 
 use super::reply::{Class, Extensions, Reply, ReplyBuilder};
+use super::transaction::{self, End, Next};
 use super::wire::DataEncoder;
 use super::Outcome;
 use crate::config::{Deliver, DeliverProtocol, DeliverTarget};
@@ -41,7 +42,7 @@ pub struct Envelope {
 }
 
 /// The result of one attempt.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivery {
     pub outcome: Outcome,
     /// The server's words, for the ledger and the log.
@@ -64,6 +65,41 @@ impl Delivery {
 struct Session {
     io: BufReader<BoxIo>,
     ext: Extensions,
+}
+
+impl Session {
+    /// Sends MAIL and the RCPTs (and DATA): in one write with PIPELINING,
+    /// else one at a time, stopping at a refused MAIL or a 421 (the
+    /// transaction is over; the rest would only be refused, or go to a
+    /// server that is closing). Returns their replies, and the reply to a
+    /// pipelined DATA apart.
+    async fn envelope(
+        &mut self,
+        peer: &str,
+        limit: Duration,
+        commands: &[String],
+    ) -> Result<(Vec<Reply>, Option<Reply>)> {
+        let mut replies = Vec::with_capacity(commands.len());
+        if !self.ext.pipelining {
+            for c in commands {
+                let r = command(&mut self.io, peer, limit, c).await?;
+                let over = r.code == 421 || (replies.is_empty() && !r.is_ok());
+                replies.push(r);
+                if over {
+                    break;
+                }
+            }
+            return Ok((replies, None));
+        }
+        let batch: String = commands.iter().map(|c| format!("{c}\r\n")).collect();
+        tracing::trace!(peer, "C: {}", batch.trim_end());
+        timed(peer, limit, self.io.get_mut().write_all(batch.as_bytes())).await?;
+        for _ in commands {
+            replies.push(read_reply(&mut self.io, peer, limit).await?);
+        }
+        let data = replies.pop();
+        Ok((replies, data))
+    }
 }
 
 /// A delivery client with at most one open session.
@@ -198,151 +234,46 @@ impl Deliverer {
             self.session = Some(s);
         }
         let lmtp = self.target.protocol == DeliverProtocol::Lmtp;
-        let limit = self.timeout;
-        let peer = self.peer();
+        let (peer, limit) = (self.peer(), self.timeout);
         let s = self.session.as_mut().expect("session just opened");
-
         let size = (prefix.len() + msg.len()) as u64;
-        if let Some(max) = s.ext.size {
-            if size > max {
-                return Ok(Delivery::all(
-                    Outcome::Rejected,
-                    format!("not sent: the message has {size} bytes, over the SIZE limit of {max} that {peer} announced"),
-                ));
-            }
-        }
-
-        let mut mail = format!("MAIL FROM:<{}>", env.sender);
-        if s.ext.size.is_some() {
-            mail.push_str(&format!(" SIZE={size}"));
+        if let Some(d) = transaction::over_size(size, &s.ext, &peer) {
+            return Ok(d);
         }
         let eight_bit = !msg.is_ascii() || !prefix.is_ascii();
-        if eight_bit && s.ext.eight_bit_mime {
-            mail.push_str(" BODY=8BITMIME");
-        }
-        let needs_utf8 = !env.sender.is_ascii() || env.recipients.iter().any(|r| !r.is_ascii());
-        if needs_utf8 && s.ext.smtputf8 {
-            mail.push_str(" SMTPUTF8");
-        }
-        let mut commands = vec![mail];
-        commands.extend(env.recipients.iter().map(|r| format!("RCPT TO:<{r}>")));
-
-        // With PIPELINING, DATA ends the group (RFC 2920 section 3.1): a
-        // server that accepted no recipient must answer it with 503 or 554,
-        // so no message is ever sent blind, and a round trip is saved.
-        let pipelined = s.ext.pipelining;
-        let mut replies = Vec::with_capacity(commands.len() + 1);
-        if pipelined {
-            commands.push("DATA".into());
-            let batch: String = commands.iter().map(|c| format!("{c}\r\n")).collect();
-            tracing::trace!(peer, "C: {}", batch.trim_end());
-            timed(&peer, limit, s.io.get_mut().write_all(batch.as_bytes())).await?;
-            for _ in &commands {
-                replies.push(read_reply(&mut s.io, &peer, limit).await?);
-            }
-        } else {
-            for c in &commands {
-                replies.push(command(&mut s.io, &peer, limit, c).await?);
-            }
-        }
-        if replies.iter().any(|r| r.code == 421) {
-            self.session = None;
-            let r = replies.iter().find(|r| r.code == 421).unwrap();
-            return Ok(Delivery::all(Outcome::Deferred, format!("{peer}: {r}")));
-        }
-        let data_reply = if pipelined { replies.pop() } else { None };
-        // A transaction given up before the message: RSET, unless the server
-        // said 354 to the pipelined DATA all the same (it would take the next
-        // line as the message): then only dropping the connection is safe.
-        let in_data = data_reply.as_ref().is_some_and(|r| r.code == 354);
-        let mail_reply = &replies[0];
-        if !mail_reply.is_ok() {
-            let outcome = class_outcome(mail_reply.class());
-            let text = format!("MAIL FROM refused: {mail_reply}");
-            self.abort(in_data).await;
-            return Ok(Delivery::all(outcome, text));
-        }
-        let mut accepted = Vec::new();
-        let mut refused = Vec::new();
-        for (rcpt, r) in env.recipients.iter().zip(&replies[1..]) {
-            if r.is_ok() {
-                accepted.push(rcpt.clone());
-            } else {
-                refused.push((rcpt.clone(), r.clone()));
-            }
-        }
-        if accepted.is_empty() {
-            let outcome = worst(refused.iter().map(|(_, r)| r.class()));
-            let text = describe_refused(&refused);
-            self.abort(in_data).await;
-            return Ok(Delivery::all(outcome, text));
-        }
-
-        // At least one recipient accepted: send the message to those. The
-        // refused ones are retried (4xx) or quarantined (5xx) on their own,
-        // and the ledger remembers who already has it, so no one gets it twice.
-        let s = self.session.as_mut().expect("session open");
+        let commands = transaction::commands(env, &s.ext, size, eight_bit);
+        let (replies, data_reply) = s.envelope(&peer, limit, &commands).await?;
+        let (accepted, refused) =
+            match transaction::judge_envelope(&peer, env, &replies, data_reply.as_ref()) {
+                Next::Stop(d, end) => {
+                    self.end(end).await;
+                    return Ok(d);
+                }
+                Next::Data { accepted, refused } => (accepted, refused),
+            };
         let r = match data_reply {
             Some(r) => r,
             None => command(&mut s.io, &peer, limit, "DATA").await?,
         };
-        if r.code != 354 {
-            let outcome = class_outcome(r.class());
-            if r.code == 421 {
-                self.session = None;
-            } else {
-                self.reset().await;
-            }
-            return Ok(Delivery::all(outcome, format!("DATA refused: {r}")));
+        if let Some((d, end)) = transaction::judge_data(&r) {
+            self.end(end).await;
+            return Ok(d);
         }
         send_data(&mut s.io, &peer, limit, prefix, msg, barrier).await?;
-
-        let mut final_replies = Vec::new();
+        let mut finals = Vec::with_capacity(accepted.len());
         if lmtp {
-            for rcpt in &accepted {
-                final_replies.push((rcpt.clone(), read_reply(&mut s.io, &peer, limit).await?));
+            for rcpt in accepted {
+                finals.push((rcpt, read_reply(&mut s.io, &peer, limit).await?));
             }
         } else {
             let r = read_reply(&mut s.io, &peer, limit).await?;
-            final_replies.extend(accepted.iter().map(|rcpt| (rcpt.clone(), r.clone())));
+            finals.extend(accepted.into_iter().map(|rcpt| (rcpt, r.clone())));
         }
-        if final_replies.iter().any(|(_, r)| r.code == 421) {
+        let (d, drop) = transaction::judge_final(lmtp, refused, finals);
+        if drop {
             self.session = None;
         }
-        let mut got = Vec::new();
-        for (rcpt, r) in final_replies {
-            if r.is_ok() {
-                got.push((rcpt, r));
-            } else {
-                refused.push((rcpt, r));
-            }
-        }
-        let accepted: Vec<String> = got.iter().map(|(a, _)| a.clone()).collect();
-        if refused.is_empty() {
-            let text = if lmtp && got.len() > 1 {
-                got.iter()
-                    .map(|(a, r)| format!("<{a}>: {r}"))
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            } else {
-                got[0].1.to_string()
-            };
-            return Ok(Delivery {
-                outcome: Outcome::Delivered,
-                reply: text,
-                accepted,
-            });
-        }
-        let outcome = worst(refused.iter().map(|(_, r)| r.class()));
-        let mut text = describe_refused(&refused);
-        if !accepted.is_empty() {
-            text.push_str(&format!("; accepted by {}", accepted.join(", ")));
-        }
-        Ok(Delivery {
-            outcome,
-            reply: text,
-            accepted,
-        })
+        Ok(d)
     }
 
     async fn connect(&mut self) -> Result<Session> {
@@ -366,6 +297,13 @@ impl Deliverer {
             )),
         };
         self.connections += 1;
+        self.greet(io).await
+    }
+
+    /// The greeting and EHLO/LHLO (HELO if EHLO is refused) on a new
+    /// connection.
+    async fn greet(&mut self, io: BoxIo) -> Result<Session> {
+        let (peer, limit) = (self.peer(), self.timeout);
         let mut io = BufReader::with_capacity(16 * 1024, io);
         let greeting = read_reply(&mut io, &peer, limit).await?;
         if greeting.code != 220 {
@@ -390,26 +328,31 @@ impl Deliverer {
         Ok(Session { io, ext })
     }
 
-    /// RSET after a failed transaction; a failed RSET drops the session.
-    async fn reset(&mut self) {
-        let peer = self.peer();
-        let limit = self.timeout;
-        if let Some(s) = self.session.as_mut() {
-            match command(&mut s.io, &peer, limit, "RSET").await {
-                Ok(r) if r.is_ok() => {}
-                _ => self.session = None,
-            }
+    /// Leaves a transaction given up: RSET (a failed RSET drops the
+    /// session), or a dropped connection.
+    async fn end(&mut self, end: End) {
+        let (peer, limit) = (self.peer(), self.timeout);
+        let reset = match (end, self.session.as_mut()) {
+            (End::Reset, Some(s)) => command(&mut s.io, &peer, limit, "RSET").await,
+            _ => Err(anyhow!("dropped")),
+        };
+        if !reset.is_ok_and(|r| r.is_ok()) {
+            self.session = None;
         }
     }
 
-    /// Ends a transaction before its message: RSET, or, if the server is
-    /// already waiting for the message, a dropped connection.
-    async fn abort(&mut self, in_data: bool) {
-        if in_data {
-            self.session = None;
-        } else {
-            self.reset().await;
-        }
+    /// Opens the session over `io` (an in-memory stream, for the
+    /// transcript tests).
+    #[cfg(test)]
+    pub(crate) async fn attach(&mut self, io: BoxIo) -> Result<()> {
+        self.session = Some(self.greet(io).await?);
+        Ok(())
+    }
+
+    /// Whether a session is open (a 421 or a lost connection closes it).
+    #[cfg(test)]
+    pub(crate) fn is_open(&self) -> bool {
+        self.session.is_some()
     }
 
     /// Ends the session politely, if one is open.
@@ -419,35 +362,6 @@ impl Deliverer {
             let _ = command(&mut s.io, &peer, Duration::from_secs(5), "QUIT").await;
         }
     }
-}
-
-fn class_outcome(c: Class) -> Outcome {
-    match c {
-        Class::Permanent => Outcome::Rejected,
-        Class::Ok => Outcome::Delivered,
-        // A 3xx where 2xx was due is a confused server: try again later.
-        Class::Transient | Class::Intermediate => Outcome::Deferred,
-    }
-}
-
-/// Any temporary refusal makes the whole message temporary: a retry may
-/// still reach those recipients.
-fn worst(classes: impl Iterator<Item = Class>) -> Outcome {
-    let mut out = Outcome::Rejected;
-    for c in classes {
-        if c != Class::Permanent {
-            out = Outcome::Deferred;
-        }
-    }
-    out
-}
-
-fn describe_refused(refused: &[(String, Reply)]) -> String {
-    refused
-        .iter()
-        .map(|(a, r)| format!("<{a}> refused: {r}"))
-        .collect::<Vec<_>>()
-        .join("; ")
 }
 
 async fn command(io: &mut BufReader<BoxIo>, peer: &str, limit: Duration, c: &str) -> Result<Reply> {

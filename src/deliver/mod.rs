@@ -2,12 +2,16 @@
 //!
 //! Our own small client rather than lettre (see docs/design.md): LMTP's
 //! per-recipient replies, unix sockets, PIPELINING, and the exact wire
-//! encoding in [`wire`]. [`reply`] and [`headers`] are pure; [`client`] does
-//! the I/O and turns every reply into an [`Outcome`].
+//! encoding in [`wire`]. [`reply`], [`headers`] and [`transaction`] are pure
+//! (a transaction's command lines, and what its replies make of it);
+//! [`client`] only does the I/O around them.
 
 pub mod client;
 pub mod headers;
 pub mod reply;
+pub mod transaction;
+#[cfg(test)]
+mod transcripts;
 pub mod wire;
 
 pub use client::{Deliverer, Delivery, Envelope, Sessions};
