@@ -582,10 +582,30 @@ fn resolve_account(
                 .into(),
         ));
     }
-    let transport = a.transport.unwrap_or(Transport::Tcp);
-    if transport == Transport::Tunnel {
-        return resolve_tunnel(name, a, here);
-    }
+    let reach = match a.transport.unwrap_or(Transport::Tcp) {
+        Transport::Tunnel => resolve_tunnel(&a, here)?,
+        Transport::Tcp => resolve_tcp(&a, here)?,
+    };
+    common(name, a, here, reach)
+}
+
+/// How an account reaches its server, and as whom: what the transports
+/// settle differently.
+struct Reach {
+    host: String,
+    port: u16,
+    connect: Connect,
+    tls: TlsMode,
+    tls_pin_sha256: Option<Vec<u8>>,
+    username: String,
+    password: PasswordSource,
+}
+
+/// An account reached over TCP (directly or through a SOCKS5 proxy).
+fn resolve_tcp(
+    a: &RawAccount,
+    here: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<Reach, ConfigError> {
     if a.command.is_some() || a.tunnel_stderr.is_some() {
         return Err(here("command", "only for transport = \"tunnel\"".into()));
     }
@@ -628,34 +648,30 @@ fn resolve_account(
         .username
         .clone()
         .ok_or_else(|| here("username", "missing: the IMAP login name".into()))?;
-    let password = password_source(&a, here)?.ok_or_else(|| {
+    let password = password_source(a, here)?.ok_or_else(|| {
         here(
             "password",
             "missing: set one of `password`, `password_file`, `password_command`".into(),
         )
     })?;
-    common(
-        name,
-        a,
-        here,
+    Ok(Reach {
         host,
         port,
-        Connect::Tcp { proxy },
+        connect: Connect::Tcp { proxy },
         tls,
         tls_pin_sha256,
         username,
         password,
-    )
+    })
 }
 
 /// An account reached through a command: no TLS of its own (the command,
 /// typically ssh, protects the link), a PREAUTH greeting accepted, and a
 /// password only if the server still asks for one.
 fn resolve_tunnel(
-    name: &str,
-    a: RawAccount,
+    a: &RawAccount,
     here: &dyn Fn(&str, String) -> ConfigError,
-) -> Result<Account, ConfigError> {
+) -> Result<Reach, ConfigError> {
     let command = a.command.clone().unwrap_or_default();
     if command.is_empty() || command[0].is_empty() {
         return Err(here(
@@ -680,24 +696,18 @@ fn resolve_tunnel(
         .clone()
         .filter(|h| !h.trim().is_empty())
         .unwrap_or_else(|| tunnel_name(&command));
-    let password = password_source(&a, here)?.unwrap_or(PasswordSource::None);
-    let username = a.username.clone().unwrap_or_default();
-    let connect = Connect::Tunnel {
-        command,
-        stderr: a.tunnel_stderr.unwrap_or(TunnelStderr::Log),
-    };
-    common(
-        name,
-        a,
-        here,
+    Ok(Reach {
         host,
-        0,
-        connect,
-        TlsMode::None,
-        None,
-        username,
-        password,
-    )
+        port: 0,
+        connect: Connect::Tunnel {
+            command,
+            stderr: a.tunnel_stderr.unwrap_or(TunnelStderr::Log),
+        },
+        tls: TlsMode::None,
+        tls_pin_sha256: None,
+        username: a.username.clone().unwrap_or_default(),
+        password: password_source(a, here)?.unwrap_or(PasswordSource::None),
+    })
 }
 
 /// A short name for a tunnel in logs: the first argument that is not an
@@ -739,26 +749,79 @@ fn password_source(
 }
 
 /// The settings every transport shares.
-#[allow(clippy::too_many_arguments)]
 fn common(
     name: &str,
     a: RawAccount,
     here: &dyn Fn(&str, String) -> ConfigError,
-    host: String,
-    port: u16,
-    connect: Connect,
-    tls: TlsMode,
-    tls_pin_sha256: Option<Vec<u8>>,
-    username: String,
-    password: PasswordSource,
+    reach: Reach,
 ) -> Result<Account, ConfigError> {
-    let account_purge = a.purge_after.unwrap_or(PurgeAfter::Never);
+    let mailboxes = resolve_mailboxes(a.mailboxes.clone(), a.purge_after, here)?;
+    let (deliver, recipients, sender) = resolve_delivery(&a, here)?;
+    let ehlo = match a.ehlo.clone() {
+        Some(e) if e.is_empty() || e.contains(|c: char| c.is_whitespace() || c.is_control()) => {
+            return Err(here("ehlo", format!("{e:?} is not a host name")))
+        }
+        Some(e) => e,
+        None => local_hostname(),
+    };
+    let limits = resolve_limits(&a, here)?;
+    let Reach {
+        host,
+        port,
+        connect,
+        tls,
+        tls_pin_sha256,
+        username,
+        password,
+    } = reach;
+    Ok(Account {
+        name: name.to_string(),
+        host,
+        port,
+        connect,
+        tls,
+        ca_file: a.ca_file,
+        tls_pin_sha256,
+        username,
+        password,
+        compress: a.compress.unwrap_or(Compress::Auto),
+        max_message_size: limits.max_message_size,
+        mailboxes,
+        deliver,
+        ehlo,
+        recipients,
+        sender,
+        mark_seen: a.mark_seen.unwrap_or(true),
+        initial: a.initial.unwrap_or(Initial::Unseen),
+        add_received: a.add_received.unwrap_or(true),
+        imap_timeout: dur(a.imap_timeout, DEFAULT_TIMEOUT),
+        deliver_timeout: dur(a.deliver_timeout, DEFAULT_TIMEOUT),
+        max_deferrals: limits.max_deferrals,
+        delivery_sessions: limits.delivery_sessions,
+        purge_interval: dur(a.purge_interval, DEFAULT_PURGE_INTERVAL),
+        purge_max: limits.purge_max,
+        idle_timeout: dur(a.idle_timeout, DEFAULT_IDLE_TIMEOUT),
+        poll_interval: dur(a.poll_interval, DEFAULT_POLL_INTERVAL),
+        catchup_interval: dur(a.catchup_interval, DEFAULT_CATCHUP_INTERVAL),
+        retry_interval: limits.retry_interval,
+        retry_max: limits.retry_max,
+        max_connections: limits.max_connections,
+    })
+}
+
+/// The mailboxes to pull, each with its retention (the account's unless
+/// it has its own); INBOX when none are named.
+fn resolve_mailboxes(
+    raw: Option<Vec<RawMailbox>>,
+    account_purge: Option<PurgeAfter>,
+    here: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<Vec<MailboxConfig>, ConfigError> {
+    let account_purge = account_purge.unwrap_or(PurgeAfter::Never);
     let as_option = |p: PurgeAfter| match p {
         PurgeAfter::Never => None,
         PurgeAfter::After(d) => Some(d),
     };
-    let mailboxes: Vec<MailboxConfig> = a
-        .mailboxes
+    let mailboxes: Vec<MailboxConfig> = raw
         .unwrap_or_else(|| vec![RawMailbox::Name("INBOX".to_string())])
         .into_iter()
         .map(|m| match m {
@@ -785,13 +848,21 @@ fn common(
             return Err(here("mailboxes", format!("{m:?} is listed twice")));
         }
     }
+    Ok(mailboxes)
+}
+
+/// Where mail goes: the local server, the recipients, the envelope sender.
+fn resolve_delivery(
+    a: &RawAccount,
+    here: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<(Deliver, Vec<String>, SenderPolicy), ConfigError> {
     let deliver = parse_deliver(
         a.deliver
             .as_deref()
             .ok_or_else(|| here("deliver", "missing: e.g. \"smtp://127.0.0.1:25\"".into()))?,
     )
     .map_err(|e| here("deliver", e))?;
-    let recipients = a.recipients.unwrap_or_default();
+    let recipients = a.recipients.clone().unwrap_or_default();
     if recipients.is_empty() {
         return Err(here(
             "recipients",
@@ -814,24 +885,41 @@ fn common(
             ))
         }
     };
-    let ehlo = match a.ehlo {
-        Some(e) if e.is_empty() || e.contains(|c: char| c.is_whitespace() || c.is_control()) => {
-            return Err(here("ehlo", format!("{e:?} is not a host name")))
+    Ok((deliver, recipients, sender))
+}
+
+/// The numeric settings that have a range.
+struct Limits {
+    purge_max: u32,
+    max_connections: u32,
+    max_message_size: u64,
+    retry_interval: Duration,
+    retry_max: Duration,
+    max_deferrals: u32,
+    delivery_sessions: usize,
+}
+
+fn resolve_limits(
+    a: &RawAccount,
+    here: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<Limits, ConfigError> {
+    let at_least_1 = |key: &str, v: u32, why: &str| {
+        if v == 0 {
+            Err(here(key, format!("must be at least 1{why}")))
+        } else {
+            Ok(v)
         }
-        Some(e) => e,
-        None => local_hostname(),
     };
-    let purge_max = a.purge_max.unwrap_or(DEFAULT_PURGE_MAX);
-    if purge_max == 0 {
-        return Err(here(
-            "purge_max",
-            "must be at least 1 (unset purge_after to never remove)".into(),
-        ));
-    }
-    let max_connections = a.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
-    if max_connections == 0 {
-        return Err(here("max_connections", "must be at least 1".into()));
-    }
+    let purge_max = at_least_1(
+        "purge_max",
+        a.purge_max.unwrap_or(DEFAULT_PURGE_MAX),
+        " (unset purge_after to never remove)",
+    )?;
+    let max_connections = at_least_1(
+        "max_connections",
+        a.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+        "",
+    )?;
     for (key, d) in [
         ("idle_timeout", a.idle_timeout),
         ("poll_interval", a.poll_interval),
@@ -853,46 +941,23 @@ fn common(
     if retry_max < retry_interval {
         return Err(here("retry_max", "must be at least retry_interval".into()));
     }
-    let max_deferrals = a.max_deferrals.unwrap_or(DEFAULT_MAX_DEFERRALS);
-    if max_deferrals == 0 {
-        return Err(here("max_deferrals", "must be at least 1".into()));
-    }
+    let max_deferrals = at_least_1(
+        "max_deferrals",
+        a.max_deferrals.unwrap_or(DEFAULT_MAX_DEFERRALS),
+        "",
+    )?;
     let delivery_sessions = a.delivery_sessions.unwrap_or(DEFAULT_DELIVERY_SESSIONS);
     if !(1..=16).contains(&delivery_sessions) {
         return Err(here("delivery_sessions", "must be from 1 to 16".into()));
     }
-    Ok(Account {
-        name: name.to_string(),
-        host,
-        port,
-        connect,
-        tls,
-        ca_file: a.ca_file,
-        tls_pin_sha256,
-        username,
-        password,
-        compress: a.compress.unwrap_or(Compress::Auto),
-        max_message_size,
-        mailboxes,
-        deliver,
-        ehlo,
-        recipients,
-        sender,
-        mark_seen: a.mark_seen.unwrap_or(true),
-        initial: a.initial.unwrap_or(Initial::Unseen),
-        add_received: a.add_received.unwrap_or(true),
-        imap_timeout: dur(a.imap_timeout, DEFAULT_TIMEOUT),
-        deliver_timeout: dur(a.deliver_timeout, DEFAULT_TIMEOUT),
-        max_deferrals,
-        delivery_sessions: delivery_sessions as usize,
-        purge_interval: dur(a.purge_interval, DEFAULT_PURGE_INTERVAL),
+    Ok(Limits {
         purge_max,
-        idle_timeout: dur(a.idle_timeout, DEFAULT_IDLE_TIMEOUT),
-        poll_interval: dur(a.poll_interval, DEFAULT_POLL_INTERVAL),
-        catchup_interval: dur(a.catchup_interval, DEFAULT_CATCHUP_INTERVAL),
+        max_connections,
+        max_message_size,
         retry_interval,
         retry_max,
-        max_connections,
+        max_deferrals,
+        delivery_sessions: delivery_sessions as usize,
     })
 }
 
