@@ -437,6 +437,7 @@ async fn watch(
                 }
             }
         };
+        crate::health::failed(&ledger, &spec.account, &spec.mailboxes, now(), &error).await;
         if let Ok(mut f) = status.failing.lock() {
             f.insert(key.clone(), error);
         }

@@ -20,6 +20,7 @@ pub mod imap;
 pub mod ledger;
 pub mod lock;
 pub mod net;
+pub mod ops;
 pub mod pull;
 pub mod purge;
 pub mod secret;
@@ -53,7 +54,7 @@ pub mod exit {
     /// SOFTWARE). Never decided by an error's text.
     pub fn for_error(e: &anyhow::Error, otherwise: i32) -> i32 {
         use super::imap::ConnectError;
-        if find::<super::UnknownAccount>(e).is_some() {
+        if find::<super::UnknownAccount>(e).is_some() || find::<super::UnknownState>(e).is_some() {
             return USAGE;
         }
         if find::<super::config::ConfigError>(e).is_some() {
@@ -79,6 +80,11 @@ pub mod exit {
             .or_else(|| e.chain().find_map(|c| c.downcast_ref::<T>()))
     }
 }
+
+/// A message state named on the command line that there is none of.
+#[derive(Debug, thiserror::Error)]
+#[error("no message state {0:?} (there are delivered, deferred, rejected, skipped, vanished)")]
+pub struct UnknownState(pub String);
 
 /// An account named on the command line that the config does not have.
 #[derive(Debug, thiserror::Error)]
@@ -243,7 +249,9 @@ async fn run_account(
         Err(e) => {
             tracing::error!("{e}");
             let message = e.to_string();
-            let code = exit::for_error(&e.into(), exit::UNAVAILABLE);
+            health::failed(&ledger, account, &account.mailboxes, now(), &message).await;
+            let e: anyhow::Error = e.into();
+            let code = exit::for_error(&e, exit::UNAVAILABLE);
             result.failure = Some((code, message));
             return result;
         }
@@ -329,9 +337,59 @@ pub(crate) async fn work_mailbox(
             None => e,
         };
         span.in_scope(|| tracing::error!("{e:#}"));
+        let text = format!("{e:#}");
+        health::failed(
+            &ctx.ledger,
+            ctx.account,
+            std::slice::from_ref(mb),
+            (ctx.now)(),
+            &text,
+        )
+        .await;
         work.error = Some(e);
+    } else {
+        health::ok(&ctx.ledger, ctx.account, mb, (ctx.now)()).await;
     }
     work
+}
+
+/// What `imapull status` and the alerts know of how passes went: written
+/// after each mailbox's turn and each failed connection, by `run` and the
+/// daemon alike. A failure to write it is logged and changes nothing else
+/// (the pass's own records are what matter).
+pub(crate) mod health {
+    use crate::config::{Account, MailboxConfig};
+    use crate::ledger::LedgerHandle;
+
+    pub async fn ok(ledger: &LedgerHandle, account: &Account, mb: &MailboxConfig, now: i64) {
+        let (a, m) = (account.name.clone(), mb.name.clone());
+        if let Err(e) = ledger.call(move |l| l.pass_ok(&a, &m, now)).await {
+            tracing::warn!("recording the pass's health: {e:#}");
+        }
+    }
+
+    /// `mailboxes` all failed with `error` (a connection serves several).
+    pub async fn failed(
+        ledger: &LedgerHandle,
+        account: &Account,
+        mailboxes: &[MailboxConfig],
+        now: i64,
+        error: &str,
+    ) {
+        let a = account.name.clone();
+        let names: Vec<String> = mailboxes.iter().map(|m| m.name.clone()).collect();
+        let text = error.to_string();
+        let r = ledger
+            .call(move |l| {
+                names
+                    .iter()
+                    .try_for_each(|m| l.pass_failed(&a, m, now, &text))
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::warn!("recording the pass's health: {e:#}");
+        }
+    }
 }
 
 /// One line per pass. A pass that failed never says "nothing new": what

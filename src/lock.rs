@@ -60,8 +60,91 @@ pub fn try_lock(ledger: &Path, account: &str) -> Result<AccountLock> {
     Ok(AccountLock { _file: file, path })
 }
 
+/// Who holds an account's lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    pub pid: u32,
+    /// The holder is `imapull daemon` (else a one-shot `run` or `purge`).
+    pub daemon: bool,
+}
+
+/// The process that holds `account`'s lock now, if any. Read from the
+/// kernel's list of locks (/proc/locks), so that asking takes no lock of
+/// its own: a `status` at the moment a run or the daemon starts can never
+/// make it fail as "locked by another process".
+pub fn holder(ledger: &Path, account: &str) -> Option<Holder> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(lock_path(ledger, account)).ok()?;
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    let pid = flock_holder(&locks, meta.dev(), meta.ino())?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let daemon = cmdline.split(|b| *b == 0).any(|arg| arg == b"daemon");
+    Some(Holder { pid, daemon })
+}
+
+/// The PID of the flock on the file `dev`:`ino` in a /proc/locks listing
+/// (`1: FLOCK  ADVISORY  WRITE 1234 fe:00:10010654 0 EOF`; waiters are
+/// marked `->` and are no holders). The device is matched when the kernel
+/// names it as stat does; some file systems (btrfs subvolumes, overlayfs)
+/// name another device there, so an inode alone still matches.
+pub fn flock_holder(locks: &str, dev: u64, ino: u64) -> Option<u32> {
+    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
+    let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+    let mut by_inode = None;
+    for line in locks.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 6 || f[1] != "FLOCK" {
+            continue;
+        }
+        let Ok(pid) = f[4].parse::<u32>() else {
+            continue;
+        };
+        let mut id = f[5].rsplitn(2, ':');
+        let (Some(i), Some(d)) = (id.next(), id.next()) else {
+            continue;
+        };
+        if i.parse::<u64>().ok() != Some(ino) {
+            continue;
+        }
+        if d == format!("{major:02x}:{minor:02x}") {
+            return Some(pid);
+        }
+        by_inode.get_or_insert(pid);
+    }
+    by_inode
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_holder_is_read_from_proc_locks() {
+        let locks = "1: POSIX  ADVISORY  WRITE 77 fe:00:42 0 EOF\n\
+                     2: FLOCK  ADVISORY  WRITE 1234 fe:00:42 0 EOF\n\
+                     2: -> FLOCK  ADVISORY  WRITE 999 fe:00:42 0 EOF\n\
+                     3: FLOCK  ADVISORY  WRITE 555 00:2f:43 0 EOF\n";
+        assert_eq!(super::flock_holder(locks, 0xfe00, 42), Some(1234));
+        // Another device named by the kernel (btrfs, overlayfs): the inode.
+        assert_eq!(super::flock_holder(locks, 0x0801, 43), Some(555));
+        assert_eq!(super::flock_holder(locks, 0xfe00, 44), None);
+    }
+
+    #[test]
+    fn a_held_lock_is_seen_without_taking_it() {
+        let dir = tempfile::Builder::new()
+            .prefix("imapull-lock-")
+            .tempdir()
+            .unwrap();
+        let ledger = dir.path().join("ledger.sqlite3");
+        assert_eq!(super::holder(&ledger, "a"), None);
+        let lock = super::try_lock(&ledger, "a").unwrap();
+        let h = super::holder(&ledger, "a").expect("held");
+        assert_eq!(h.pid, std::process::id());
+        // Asking took no lock: the holder's lock is still the only one.
+        drop(lock);
+        assert_eq!(super::holder(&ledger, "a"), None);
+        assert!(super::try_lock(&ledger, "a").is_ok());
+    }
+
     #[test]
     fn second_lock_is_refused_until_released() {
         let dir = tempfile::Builder::new()

@@ -30,6 +30,36 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum Quarantine {
+    /// The quarantined messages, oldest first, with the IDs the other
+    /// actions take.
+    List {
+        /// Only this account.
+        account: Option<String>,
+    },
+    /// Try these again at the account's next pass (a running daemon is
+    /// woken to do it now).
+    Retry {
+        /// IDs from `quarantine list`.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        ids: Vec<i64>,
+        /// Every quarantined message (of --account, if given).
+        #[arg(long)]
+        all: bool,
+        /// With --all: only this account.
+        #[arg(long, requires = "all")]
+        account: Option<String>,
+    },
+    /// Stop trying these; retention (purge_after) then removes them from
+    /// the server like delivered mail.
+    Drop {
+        /// IDs from `quarantine list`.
+        #[arg(required = true)]
+        ids: Vec<i64>,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// One pass over every configured account (or the ones named), then exit.
     Run {
@@ -40,10 +70,28 @@ enum Command {
     /// (IMAP IDLE). SIGTERM/SIGINT stop, SIGHUP reloads the config,
     /// SIGUSR1 pulls everything now.
     Daemon,
-    /// Print the ledger: one line per message imapull has acted on.
+    /// How each account and mailbox is doing, from the ledger: last pass,
+    /// deliveries, deferred and quarantined mail, retention, last error,
+    /// and whether a daemon or run holds it now. Safe while the daemon runs.
     Status {
-        /// Only this account.
-        account: Option<String>,
+        /// Account names from the config; all when none is given.
+        accounts: Vec<String>,
+        /// Exact and stable JSON (schema in docs/operations.md).
+        #[arg(long)]
+        json: bool,
+        /// One line per message imapull has acted on instead.
+        #[arg(long)]
+        messages: bool,
+        /// With --messages: only messages in this state (delivered,
+        /// deferred, rejected, skipped, vanished).
+        #[arg(long, requires = "messages")]
+        state: Option<String>,
+    },
+    /// The messages the local server rejected (5xx), kept on the remote
+    /// server until you decide.
+    Quarantine {
+        #[command(subcommand)]
+        action: Quarantine,
     },
     /// Remove remote copies whose retention (purge_after) has passed, now.
     Purge {
@@ -147,13 +195,13 @@ fn real_main(cli: Cli) -> i32 {
             println!("ledger: {}", config.ledger.display());
             exit::OK
         }
-        Command::Status { account } => match status(&config, account.as_deref()) {
-            Ok(()) => exit::OK,
-            Err(e) => {
-                eprintln!("imapull: {e:#}");
-                exit::SOFTWARE
-            }
-        },
+        Command::Status {
+            accounts,
+            json,
+            messages,
+            state,
+        } => finish(status(&config, &accounts, json, messages, state.as_deref())),
+        Command::Quarantine { action } => finish(quarantine(&config, action)),
         Command::Daemon => rt.block_on(daemon(path, config)),
         Command::Purge {
             accounts,
@@ -263,37 +311,102 @@ async fn dry_run(config: &Config, only: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn status(config: &Config, account: Option<&str>) -> anyhow::Result<()> {
+/// The exit code of a command that only reads or marks the ledger.
+fn finish(r: anyhow::Result<i32>) -> i32 {
+    r.unwrap_or_else(|e| {
+        eprintln!("imapull: {e:#}");
+        exit::for_error(&e, exit::SOFTWARE)
+    })
+}
+
+fn status(
+    config: &Config,
+    accounts: &[String],
+    json: bool,
+    messages: bool,
+    state: Option<&str>,
+) -> anyhow::Result<i32> {
     use std::io::Write as _;
+    imapull::check_accounts(config, accounts)?;
     let ledger = imapull::ledger::Ledger::open(&config.ledger)?;
     let mut out = std::io::stdout().lock();
-    let now = chrono::Utc::now().timestamp();
+    let now = imapull::system_now();
     // A closed pipe (`imapull status | head`) ends the listing quietly.
-    for (acct, mailbox, at, n) in ledger.retries(account)? {
-        let when = chrono::DateTime::from_timestamp(at, 0)
-            .unwrap_or_default()
-            .format("%Y-%m-%d %H:%M:%S UTC");
-        let _ = writeln!(
-            out,
-            "{acct}/{mailbox}: {n} deferred, the daemon retries at {when} (in {}s)",
-            (at - now).max(0)
-        );
+    if messages {
+        let state = match state {
+            None => None,
+            Some(s) => Some(
+                imapull::ledger::State::parse(s)
+                    .ok_or_else(|| imapull::UnknownState(s.to_string()))?,
+            ),
+        };
+        let rows: Vec<imapull::ledger::Row> = ledger
+            .rows(None)?
+            .into_iter()
+            .filter(|r| accounts.is_empty() || accounts.contains(&r.account))
+            .filter(|r| state.is_none_or(|s| r.state() == Some(s)))
+            .collect();
+        let _ = print_rows(&mut out, &rows);
+    } else {
+        let report = imapull::ops::status::gather(config, &ledger, accounts, now)?;
+        if json {
+            let _ = serde_json::to_writer_pretty(&mut out, &report);
+            let _ = writeln!(out);
+        } else {
+            let _ = imapull::ops::status::print(&mut out, &report, now);
+        }
     }
-    let _ = print_rows(&mut out, &ledger.rows(account)?);
     let _ = out.flush();
-    Ok(())
+    Ok(exit::OK)
+}
+
+fn quarantine(config: &Config, action: Quarantine) -> anyhow::Result<i32> {
+    use imapull::ledger::Which;
+    use imapull::ops::quarantine as q;
+    let mut ledger = imapull::ledger::Ledger::open(&config.ledger)?;
+    let mut out = std::io::stdout().lock();
+    let now = imapull::system_now();
+    let (asked, done) = match action {
+        Quarantine::List { account } => {
+            imapull::check_accounts(config, account.as_slice())?;
+            let _ = q::print_list(&mut out, &ledger.quarantined(account.as_deref())?);
+            return Ok(exit::OK);
+        }
+        Quarantine::Retry {
+            all: true, account, ..
+        } => {
+            imapull::check_accounts(config, account.as_slice())?;
+            let which = Which::All(account.as_deref());
+            (None, q::retry(&mut out, config, &mut ledger, &which, now)?)
+        }
+        Quarantine::Retry { ids, .. } => {
+            let done = q::retry(&mut out, config, &mut ledger, &Which::Ids(&ids), now)?;
+            (Some(ids.len()), done)
+        }
+        Quarantine::Drop { ids } => {
+            let done = q::drop(&mut out, config, &mut ledger, &Which::Ids(&ids), now)?;
+            (Some(ids.len()), done)
+        }
+    };
+    // An ID that was not in the quarantine is the caller's mistake.
+    Ok(if asked.is_some_and(|n| n > done) {
+        exit::DATAERR
+    } else {
+        exit::OK
+    })
 }
 
 fn print_rows(out: &mut impl std::io::Write, rows: &[imapull::ledger::Row]) -> std::io::Result<()> {
     writeln!(
         out,
-        "{:<12} {:<16} {:>10} {:>7} {:<10} {:>3} reply / Message-ID",
-        "account", "mailbox", "uidvalid", "uid", "state", "try"
+        "{:>6} {:<12} {:<16} {:>10} {:>7} {:<10} {:>3} reply / Message-ID",
+        "ID", "account", "mailbox", "uidvalid", "uid", "state", "try"
     )?;
     for r in rows {
         writeln!(
             out,
-            "{:<12} {:<16} {:>10} {:>7} {:<10} {:>3} {} {}",
+            "{:>6} {:<12} {:<16} {:>10} {:>7} {:<10} {:>3} {} {}",
+            r.id,
             r.account,
             r.mailbox,
             r.uidvalidity,

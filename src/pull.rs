@@ -236,7 +236,7 @@ async fn first_contact(
     tracing::info!(mailbox, ?initial, "first pass of this mailbox");
     match decide::first_contact(initial, sel) {
         FirstContact::OnlyNew { watermark } => {
-            ledger.set_watermark(watermark, now).await?;
+            ledger.start(watermark, watermark, now).await?;
             return Ok(None);
         }
         FirstContact::SkipSeen => {
@@ -251,7 +251,7 @@ async fn first_contact(
         }
         FirstContact::Everything => {}
     }
-    ledger.set_watermark(1, now).await?;
+    ledger.start(1, 1, now).await?;
     Ok(Some(1))
 }
 

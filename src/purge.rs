@@ -3,9 +3,11 @@
 //!
 //! Three parts, kept apart so each can be checked on its own:
 //! - [`plan`], pure: from ledger rows, the mailbox's UIDVALIDITY, the clock
-//!   and the policy, the UIDs that are due. Only rows in state `delivered`,
-//!   under the current UIDVALIDITY, delivered at least `purge_after` ago,
-//!   and not already removed, ever qualify. Property-tested.
+//!   and the policy, the UIDs that are due. Only rows in state `delivered`
+//!   (or quarantined ones the operator dropped, `imapull quarantine drop`),
+//!   under the current UIDVALIDITY, delivered (dropped) at least
+//!   `purge_after` ago, and not already removed, ever qualify.
+//!   Property-tested.
 //! - [`remove`], the one function in imapull that removes mail from a
 //!   server. It re-checks UIDVALIDITY itself and touches exactly the UIDs it
 //!   is given.
@@ -18,7 +20,7 @@ use anyhow::{bail, Result};
 
 use crate::config::{Account, MailboxConfig};
 use crate::imap::Imap;
-use crate::ledger::{LedgerHandle, MailboxLedger, PurgeRow, PurgeView, State};
+use crate::ledger::{LedgerHandle, MailboxLedger, PurgeRow, PurgeView};
 
 /// What retention a mailbox has, resolved from the config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,7 +35,7 @@ pub struct Policy {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Due {
     pub uid: u32,
-    /// Seconds since delivery.
+    /// Seconds since delivery (or since the operator dropped it).
     pub age: i64,
     pub message_id: Option<String>,
 }
@@ -51,14 +53,10 @@ pub fn plan(rows: &[PurgeRow], uidvalidity: u32, now: i64, policy: Policy) -> Pl
     let after = i64::try_from(policy.after.as_secs()).unwrap_or(i64::MAX);
     let mut due: Vec<Due> = rows
         .iter()
-        .filter(|r| {
-            r.state() == Some(State::Delivered)
-                && r.uidvalidity == uidvalidity
-                && r.purged_at.is_none()
-        })
+        .filter(|r| r.uidvalidity == uidvalidity && r.purged_at.is_none())
         .filter_map(|r| {
-            let delivered = r.delivered_at?;
-            let age = now.checked_sub(delivered)?;
+            let released = r.released_at()?;
+            let age = now.checked_sub(released)?;
             (age >= after).then(|| Due {
                 uid: r.uid,
                 age,
@@ -300,6 +298,7 @@ pub async fn dry_run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ledger::State;
     use proptest::prelude::*;
 
     const DAY: i64 = 86400;
@@ -312,6 +311,7 @@ mod tests {
             delivered_at,
             purged_at: None,
             message_id: Some(format!("<{uid}@x>")),
+            dropped_at: None,
         }
     }
 
@@ -338,6 +338,20 @@ mod tests {
         assert_eq!(p.due.iter().map(|d| d.uid).collect::<Vec<_>>(), vec![1, 6]);
         assert_eq!(p.due[0].age, 31 * DAY);
         assert_eq!(p.postponed, 0);
+    }
+
+    #[test]
+    fn a_dropped_quarantined_message_counts_from_its_drop() {
+        let now = 100 * DAY;
+        let mut dropped = row(1, "rejected", None);
+        dropped.dropped_at = Some(now - 31 * DAY);
+        let mut recent = row(2, "rejected", None);
+        recent.dropped_at = Some(now - DAY);
+        // Dropped only makes a rejected row eligible, no other.
+        let mut deferred = row(3, "deferred", None);
+        deferred.dropped_at = Some(0);
+        let p = plan(&[dropped, recent, deferred], 7, now, policy(30, 500));
+        assert_eq!(p.due.iter().map(|d| d.uid).collect::<Vec<_>>(), vec![1]);
     }
 
     #[test]
@@ -396,21 +410,31 @@ mod tests {
             ],
             proptest::option::of(0i64..200),
             proptest::option::of(0i64..200),
+            proptest::option::of(0i64..200),
         )
-            .prop_map(|(uv, uid, state, d, p)| PurgeRow {
+            .prop_map(|(uv, uid, state, d, p, dropped)| PurgeRow {
                 uidvalidity: uv,
                 uid,
                 state: state.to_string(),
                 delivered_at: d,
                 purged_at: p,
                 message_id: None,
+                dropped_at: dropped,
             })
     }
 
+    /// Delivered, or rejected and dropped by the operator: spelled out
+    /// here apart from `released_at`, which the property checks.
+    fn released(r: &PurgeRow) -> bool {
+        r.state() == Some(State::Delivered)
+            || (r.state() == Some(State::Rejected) && r.dropped_at.is_some())
+    }
+
     proptest! {
-        /// Whatever the ledger holds, a planned UID is a delivered,
-        /// unpurged row of the current UIDVALIDITY, old enough; the plan
-        /// respects the cap; nothing due is silently dropped.
+        /// Whatever the ledger holds, a planned UID is a delivered (or a
+        /// dropped quarantined), unpurged row of the current UIDVALIDITY,
+        /// old enough; the plan respects the cap; nothing due is silently
+        /// left out.
         #[test]
         fn plan_is_safe(rows in proptest::collection::vec(any_row(), 0..40),
                         uv in 5u32..9, now in 0i64..300, after in 0u64..100, max in 1usize..10) {
@@ -418,12 +442,12 @@ mod tests {
             prop_assert!(p.due.len() <= max);
             for d in &p.due {
                 prop_assert!(rows.iter().any(|r| r.uid == d.uid && r.uidvalidity == uv
-                    && r.state() == Some(State::Delivered) && r.purged_at.is_none()
-                    && r.delivered_at.is_some_and(|t| now - t >= after as i64)));
+                    && released(r) && r.purged_at.is_none()
+                    && r.released_at().is_some_and(|t| now - t >= after as i64)));
             }
             let eligible: BTreeSet<u32> = rows.iter()
-                .filter(|r| r.uidvalidity == uv && r.state() == Some(State::Delivered) && r.purged_at.is_none()
-                    && r.delivered_at.is_some_and(|t| now - t >= after as i64))
+                .filter(|r| r.uidvalidity == uv && released(r) && r.purged_at.is_none()
+                    && r.released_at().is_some_and(|t| now - t >= after as i64))
                 .map(|r| r.uid).collect();
             prop_assert_eq!(p.due.len() + p.postponed, eligible.len());
             prop_assert!(p.due.windows(2).all(|w| w[0].uid < w[1].uid));

@@ -130,10 +130,12 @@ impl Epoch {
             .await
     }
 
-    /// Makes this the mailbox's UIDVALIDITY, with `watermark`.
-    pub async fn set_watermark(&self, watermark: u32, now: i64) -> Result<()> {
+    /// Makes this the mailbox's UIDVALIDITY, with `watermark`, from
+    /// scratch: the mail below `skipped_below` was skipped on purpose
+    /// (first contact with `initial = "none"`, a baseline).
+    pub async fn start(&self, watermark: u32, skipped_below: u32, now: i64) -> Result<()> {
         let st = self.state(watermark);
-        self.call(move |l, a, m, _| l.set_mailbox_state(a, m, st, now))
+        self.call(move |l, a, m, _| l.start_mailbox(a, m, st, skipped_below, now))
             .await
     }
 

@@ -45,6 +45,29 @@ const MIGRATIONS: &[&str] = &[
     // were deferred, for `imapull status`.
     "ALTER TABLE mailbox ADD COLUMN retry_at INTEGER;
      ALTER TABLE mailbox ADD COLUMN retry_count INTEGER;",
+    // 4: operating. How each mailbox's passes went (`imapull status`,
+    // alerts), kept apart from `mailbox` because a login can fail before a
+    // mailbox has a state; the UID below which first contact or a baseline
+    // skipped mail on purpose (`imapull verify`), for existing mailboxes
+    // the lowest UID imapull ever recorded there (mail below it predates
+    // imapull), else the watermark; when the operator dropped a
+    // quarantined message (`imapull quarantine drop`).
+    "CREATE TABLE health (
+        account       TEXT NOT NULL,
+        mailbox       TEXT NOT NULL,
+        last_ok_at    INTEGER,
+        last_error    TEXT,
+        last_error_at INTEGER,
+        failing_since INTEGER,
+        PRIMARY KEY (account, mailbox)
+     ) STRICT;
+     ALTER TABLE mailbox ADD COLUMN skipped_below INTEGER;
+     UPDATE mailbox SET skipped_below = coalesce(
+        (SELECT min(uid) FROM message m
+          WHERE m.account = mailbox.account AND m.mailbox = mailbox.mailbox
+            AND m.uidvalidity = mailbox.uidvalidity),
+        watermark);
+     ALTER TABLE message ADD COLUMN dropped_at INTEGER;",
 ];
 
 pub fn run(conn: &mut Connection) -> Result<()> {

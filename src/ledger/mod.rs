@@ -13,8 +13,10 @@
 
 mod mailbox;
 mod migrations;
+mod ops;
 
 pub use mailbox::{Epoch, MailboxLedger, PurgeView};
+pub use ops::{Health, Kept, MailboxRow, Quarantined, Summary, Which};
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -142,6 +144,8 @@ pub struct PurgeRow {
     pub delivered_at: Option<i64>,
     pub purged_at: Option<i64>,
     pub message_id: Option<String>,
+    /// When the operator dropped it from the quarantine.
+    pub dropped_at: Option<i64>,
 }
 
 impl PurgeRow {
@@ -149,11 +153,23 @@ impl PurgeRow {
     pub fn state(&self) -> Option<State> {
         State::parse(&self.state)
     }
+
+    /// Since when retention may count: the delivery, or the operator's
+    /// drop of a quarantined message; None for every other row.
+    pub fn released_at(&self) -> Option<i64> {
+        match self.state()? {
+            State::Delivered => self.delivered_at,
+            State::Rejected => self.dropped_at,
+            _ => None,
+        }
+    }
 }
 
 /// A row as `imapull status` and the tests read it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Row {
+    /// The row's number: the ID `imapull quarantine` takes.
+    pub id: i64,
     pub account: String,
     pub mailbox: String,
     pub uidvalidity: u32,
@@ -293,7 +309,27 @@ impl Ledger {
         state: MailboxState,
         now: i64,
     ) -> Result<()> {
-        set_mailbox_state(&self.conn, account, mailbox, state, now)
+        set_mailbox_state(&self.conn, account, mailbox, state, None, now)
+    }
+
+    /// A mailbox's state from scratch (first contact, a baseline): mail
+    /// below `skipped_below` was skipped on purpose.
+    pub fn start_mailbox(
+        &self,
+        account: &str,
+        mailbox: &str,
+        state: MailboxState,
+        skipped_below: u32,
+        now: i64,
+    ) -> Result<()> {
+        set_mailbox_state(
+            &self.conn,
+            account,
+            mailbox,
+            state,
+            Some(skipped_below),
+            now,
+        )
     }
 
     /// UIDs at or above `from` that already have a row, whatever its state.
@@ -459,7 +495,7 @@ impl Ledger {
                 uidvalidity,
                 watermark,
             };
-            set_mailbox_state(&tx, account, mailbox, state, now)?;
+            set_mailbox_state(&tx, account, mailbox, state, None, now)?;
         }
         tx.commit()?;
         Ok(())
@@ -540,7 +576,8 @@ impl Ledger {
                 ])?;
             }
         }
-        set_mailbox_state(&tx, account, mailbox, new_state, now)?;
+        // Every message is matched or new after a change: none skipped.
+        set_mailbox_state(&tx, account, mailbox, new_state, Some(1), now)?;
         tx.commit()?;
         Ok(())
     }
@@ -549,7 +586,8 @@ impl Ledger {
     /// retention planner (which decides; this only reads).
     pub fn purge_rows(&self, account: &str, mailbox: &str) -> Result<Vec<PurgeRow>> {
         let mut st = self.conn.prepare_cached(
-            "SELECT uidvalidity, uid, state, delivered_at, purged_at, message_id FROM message
+            "SELECT uidvalidity, uid, state, delivered_at, purged_at, message_id, dropped_at
+             FROM message
              WHERE account = ?1 AND mailbox = ?2 AND purged_at IS NULL
              ORDER BY uidvalidity, uid",
         )?;
@@ -561,6 +599,7 @@ impl Ledger {
                 delivered_at: r.get(3)?,
                 purged_at: r.get(4)?,
                 message_id: r.get(5)?,
+                dropped_at: r.get(6)?,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
@@ -581,7 +620,7 @@ impl Ledger {
             let mut st = tx.prepare_cached(
                 "UPDATE message SET purged_at = ?5, updated_at = ?5
                  WHERE account = ?1 AND mailbox = ?2 AND uidvalidity = ?3 AND uid = ?4
-                   AND state = 'delivered'",
+                   AND (state = 'delivered' OR (state = 'rejected' AND dropped_at IS NOT NULL))",
             )?;
             for uid in uids {
                 st.execute(params![account, mailbox, uidvalidity, uid, now])?;
@@ -611,7 +650,7 @@ impl Ledger {
     pub fn rows(&self, account: Option<&str>) -> Result<Vec<Row>> {
         let mut st = self.conn.prepare_cached(
             "SELECT account, mailbox, uidvalidity, uid, message_id, size, state, attempts,
-                    last_reply, delivered_to, delivered_at, flagged, purged_at
+                    last_reply, delivered_to, delivered_at, flagged, purged_at, rowid
              FROM message WHERE ?1 IS NULL OR account = ?1
              ORDER BY account, mailbox, uidvalidity, uid",
         )?;
@@ -630,6 +669,7 @@ impl Ledger {
                 delivered_at: r.get(10)?,
                 flagged: r.get::<_, i64>(11)? != 0,
                 purged_at: r.get(12)?,
+                id: r.get(13)?,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
@@ -638,27 +678,32 @@ impl Ledger {
 
 /// The statements that a standalone call and a pass's closing transaction
 /// share; `c` is the connection or an open transaction.
+/// `skipped_below`: the UID below which mail was skipped on purpose (first
+/// contact, a UIDVALIDITY change, a baseline set it); None keeps it.
 fn set_mailbox_state(
     c: &Connection,
     account: &str,
     mailbox: &str,
     state: MailboxState,
+    skipped_below: Option<u32>,
     now: i64,
 ) -> Result<()> {
     c.prepare_cached(
-        "INSERT INTO mailbox (account, mailbox, uidvalidity, watermark, updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?5)
+        "INSERT INTO mailbox (account, mailbox, uidvalidity, watermark, updated_at, skipped_below)
+         VALUES (?1, ?2, ?3, ?4, ?5, coalesce(?6, 1))
          ON CONFLICT (account, mailbox) DO UPDATE SET
            uidvalidity = excluded.uidvalidity,
            watermark = excluded.watermark,
-           updated_at = excluded.updated_at",
+           updated_at = excluded.updated_at,
+           skipped_below = coalesce(?6, mailbox.skipped_below)",
     )?
     .execute(params![
         account,
         mailbox,
         state.uidvalidity,
         state.watermark,
-        now
+        now,
+        skipped_below
     ])?;
     Ok(())
 }
@@ -791,7 +836,7 @@ mod tests {
         }
     }
 
-    fn attempt(uid: u32, state: State, to: &[&str]) -> Attempt {
+    pub(super) fn attempt(uid: u32, state: State, to: &[&str]) -> Attempt {
         Attempt {
             key: key(uid),
             message_id: Some(format!("<{uid}@x>")),
@@ -897,7 +942,7 @@ mod tests {
     }
 
     /// Removed when dropped, also when the test fails.
-    fn tempdir() -> tempfile::TempDir {
+    pub(super) fn tempdir() -> tempfile::TempDir {
         tempfile::Builder::new()
             .prefix("imapull-ledger-test-")
             .tempdir()

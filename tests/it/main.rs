@@ -10,6 +10,7 @@ mod daemon;
 mod faults;
 mod imap_faults;
 mod kill;
+mod ops;
 mod pull;
 mod purge;
 mod systemd;

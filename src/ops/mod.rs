@@ -1,0 +1,6 @@
+//! The operator's commands: what is working and what is stuck, without
+//! opening SQLite. Each reads the ledger (and, for `check` and `verify`,
+//! the servers) and changes only what its name says.
+
+pub mod quarantine;
+pub mod status;

@@ -1,0 +1,201 @@
+//! The operator's commands: `status`, `quarantine`, against the real
+//! Dovecot and Postfix and, for faults, scripted servers.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crate::fake::{fake_message, FakeSmtp, Fault, MailServer};
+use crate::harness::*;
+
+fn stdout(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn status_json(case: &Case) -> serde_json::Value {
+    let out = case.run(&["status", "--json"]);
+    assert_exit(&out, 0);
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", stdout(&out)))
+}
+
+/// The first mailbox of the first account.
+fn inbox(v: &serde_json::Value) -> &serde_json::Value {
+    &v["accounts"][0]["mailboxes"][0]
+}
+
+#[test]
+fn status_says_how_each_mailbox_is_doing() {
+    let rcpt = new_recipient();
+    let case = Case::new(
+        &smtp(),
+        &[&rcpt],
+        "initial = \"all\"\npurge_after = \"30d\"",
+    );
+    for i in 0..2 {
+        drop_message(&case.user, i, &message(i, "bob@remote.test", "hi"), false);
+    }
+    let v = status_json(&case);
+    assert_eq!(v["schema"], 1);
+    let m = inbox(&v);
+    assert_eq!(
+        (m["name"].as_str(), m["last_ok_at"].is_null()),
+        (Some("INBOX"), true)
+    );
+    assert_exit(&case.run(&["run"]), 0);
+    wait_delivered(&rcpt, 2);
+    let v = status_json(&case);
+    let a = &v["accounts"][0];
+    assert_eq!(a["name"].as_str(), Some(case.user.as_str()));
+    assert!(a["held_by"].is_null(), "{a}");
+    let m = inbox(&v);
+    assert_eq!(m["delivered_total"], 2, "{m}");
+    assert_eq!(m["delivered_today"], 2, "{m}");
+    assert_eq!(
+        (m["deferred"].as_i64(), m["quarantined"].as_i64()),
+        (Some(0), Some(0))
+    );
+    assert!(
+        m["last_ok_at"].is_string() && m["last_delivery_at"].is_string(),
+        "{m}"
+    );
+    assert_eq!(m["purge_after"].as_str(), Some("30days"));
+    assert!(m["next_removal_at"].is_string(), "{m}");
+    assert!(
+        m["failing_since"].is_null() && m["last_error"].is_null(),
+        "{m}"
+    );
+    // The terminal form says the same.
+    let text = stdout(&case.run(&["status"]));
+    assert!(text.contains("2 today, 2 in all"), "{text}");
+    assert!(text.contains("no imapull process holds it now"), "{text}");
+    // The per-message listing, filtered by state.
+    let text = stdout(&case.run(&["status", "--messages", "--state", "delivered"]));
+    assert_eq!(text.lines().count(), 3, "{text}");
+    let text = stdout(&case.run(&["status", "--messages", "--state", "deferred"]));
+    assert_eq!(text.lines().count(), 1, "{text}");
+    assert_exit(&case.run(&["status", "--messages", "--state", "lost"]), 64);
+    assert_exit(&case.run(&["status", "nobody"]), 64);
+}
+
+#[test]
+fn status_shows_a_failing_login_until_it_works_again_and_the_daemon_that_holds_it() {
+    let server = MailServer::start("UIDPLUS IDLE", vec![fake_message(1)]);
+    let smtp = FakeSmtp::start(|_, _| "250 ok".into());
+    let case = Case::new(&smtp.url(), &["x@example.test"], "initial = \"all\"");
+    case.use_imap_at(server.port, "none");
+    server.state.lock().unwrap().fault = Some(("LOGIN".into(), Fault::No));
+    assert_exit(&case.run(&["run"]), 77);
+    let v = status_json(&case);
+    let m = inbox(&v);
+    assert!(m["failing_since"].is_string(), "{m}");
+    let err = m["last_error"]["message"].as_str().unwrap_or_default();
+    assert!(err.contains("injected"), "{m}");
+    let text = stdout(&case.run(&["status"]));
+    assert!(text.contains("FAILING"), "{text}");
+    // It works again: no longer failing; the last error stays on record.
+    assert_exit(&case.run(&["run"]), 0);
+    let m = inbox(&status_json(&case)).clone();
+    assert!(m["failing_since"].is_null(), "{m}");
+    assert!(m["last_error"]["at"].is_string(), "{m}");
+    assert_eq!(m["delivered_total"], 1);
+    // With the daemon running, status says so (and takes no lock).
+    let d = crate::daemon::Daemon::start(&case);
+    d.wait_log("pass done", 1);
+    let v = status_json(&case);
+    assert_eq!(v["accounts"][0]["held_by"]["mode"], "daemon", "{v}");
+    assert_eq!(d.stop().0, Some(0));
+}
+
+/// A local server that rejects every message until `fixed` is set.
+fn rejecting_until(fixed: Arc<AtomicBool>) -> FakeSmtp {
+    FakeSmtp::start(move |_, _| {
+        if fixed.load(Ordering::SeqCst) {
+            "250 ok".into()
+        } else {
+            "550 5.7.1 content refused".into()
+        }
+    })
+}
+
+#[test]
+fn quarantine_retry_delivers_and_drop_lets_retention_remove() {
+    let fixed = Arc::new(AtomicBool::new(false));
+    let smtp = rejecting_until(fixed.clone());
+    let server = MailServer::start("UIDPLUS", vec![fake_message(1), fake_message(2)]);
+    let case = Case::new(
+        &smtp.url(),
+        &["x@example.test"],
+        "initial = \"all\"\npurge_after = \"0s\"",
+    );
+    case.use_imap_at(server.port, "none");
+    assert_exit(&case.run(&["run"]), 65);
+    let list = stdout(&case.run(&["quarantine", "list"]));
+    assert!(list.contains("550 5.7.1 content refused"), "{list}");
+    let ids: Vec<String> = case
+        .rows()
+        .iter()
+        .filter(|r| r.state == "rejected")
+        .map(|r| r.id.to_string())
+        .collect();
+    assert_eq!(ids.len(), 2, "{list}");
+    // Quarantined mail stays on the server, whatever the retention says.
+    assert_eq!(server.inbox_uids(), vec![1, 2]);
+    assert_eq!(inbox(&status_json(&case))["quarantined"], 2);
+    fixed.store(true, Ordering::SeqCst);
+    let out = case.run(&["quarantine", "retry", &ids[0]]);
+    assert_exit(&out, 0);
+    assert!(
+        stdout(&out).contains("will be tried again"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        stdout(&out).contains("the next `imapull run"),
+        "{}",
+        stdout(&out)
+    );
+    let out = case.run(&["quarantine", "drop", &ids[1]]);
+    assert_exit(&out, 0);
+    assert!(
+        stdout(&out).contains("retention removes it"),
+        "{}",
+        stdout(&out)
+    );
+    // An ID that is not quarantined any more is said so, and fails.
+    let out = case.run(&["quarantine", "drop", &ids[1]]);
+    assert_exit(&out, 65);
+    assert!(
+        stdout(&out).contains("not in the quarantine"),
+        "{}",
+        stdout(&out)
+    );
+    // The next pass delivers the retried one; retention (0s) removes both
+    // the delivered and the dropped one, and the dropped one is never sent.
+    assert_exit(&case.run(&["run"]), 0);
+    assert_eq!(smtp.messages().len(), 1);
+    assert_eq!(case.state_of(1), "delivered");
+    assert!(server.inbox_uids().is_empty(), "{:?}", server.commands());
+    let list = stdout(&case.run(&["quarantine", "list"]));
+    assert!(list.contains("the quarantine is empty"), "{list}");
+}
+
+#[test]
+fn quarantine_retry_wakes_a_running_daemon() {
+    let fixed = Arc::new(AtomicBool::new(false));
+    let smtp = rejecting_until(fixed.clone());
+    let server = MailServer::start("UIDPLUS IDLE", vec![fake_message(1)]);
+    let case = Case::new(
+        &smtp.url(),
+        &["x@example.test"],
+        "initial = \"all\"\ncatchup_interval = \"1h\"",
+    );
+    case.use_imap_at(server.port, "none");
+    let d = crate::daemon::Daemon::start(&case);
+    d.wait_log("rejected (quarantined)", 1);
+    fixed.store(true, Ordering::SeqCst);
+    let out = case.run(&["quarantine", "retry", "--all"]);
+    assert_exit(&out, 0);
+    assert!(stdout(&out).contains("woke the daemon"), "{}", stdout(&out));
+    d.wait_log("delivered mailbox", 1);
+    assert_eq!(smtp.messages().len(), 1);
+    assert_eq!(d.stop().0, Some(0));
+}
