@@ -101,8 +101,14 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Check the configuration file and print the accounts it defines.
-    Check,
+    /// Check the configuration, then each account: log in (nothing fetched
+    /// or flagged), the capabilities that matter, the mailboxes, and a
+    /// session with the local server (no mail sent). Non-zero on any
+    /// failure.
+    Check {
+        /// Account names from the config; all when none is given.
+        accounts: Vec<String>,
+    },
 }
 
 fn main() {
@@ -175,25 +181,19 @@ fn real_main(cli: Cli) -> i32 {
         _ => imapull::Mode::Pull,
     };
     match cli.command {
-        Command::Check => {
-            for a in &config.accounts {
-                println!(
-                    "{}: {}@{}:{} ({:?}) mailboxes {:?} -> {} for {}",
-                    a.name,
-                    a.username,
-                    a.host,
-                    a.port,
-                    a.tls,
-                    a.mailboxes
-                        .iter()
-                        .map(|m| m.name.as_str())
-                        .collect::<Vec<_>>(),
-                    a.deliver,
-                    a.recipients.join(", ")
-                );
+        Command::Check { accounts } => {
+            if let Err(e) = imapull::check_accounts(&config, &accounts) {
+                eprintln!("imapull: {e:#}");
+                return exit::for_error(&e, exit::USAGE);
             }
-            println!("ledger: {}", config.ledger.display());
-            exit::OK
+            println!("{}: the configuration is valid", path.display());
+            let chosen: Vec<&imapull::config::Account> = config
+                .accounts
+                .iter()
+                .filter(|a| accounts.is_empty() || accounts.contains(&a.name))
+                .collect();
+            let mut out = std::io::stdout().lock();
+            rt.block_on(imapull::ops::check::check_all(&mut out, &chosen))
         }
         Command::Status {
             accounts,

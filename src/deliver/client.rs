@@ -355,6 +355,17 @@ impl Deliverer {
         self.session.is_some()
     }
 
+    /// Opens a session (greeting, EHLO/LHLO) and ends it with QUIT, sending
+    /// no mail: what `imapull check` asks of the local server. Returns what
+    /// the server offers.
+    pub async fn probe(&mut self) -> Result<Extensions> {
+        let s = self.connect().await?;
+        let ext = s.ext.clone();
+        self.session = Some(s);
+        self.quit().await;
+        Ok(ext)
+    }
+
     /// Ends the session politely, if one is open.
     pub async fn quit(&mut self) {
         let peer = self.peer();

@@ -117,6 +117,14 @@ pub enum IdleEnd {
     Stopped,
 }
 
+/// A mailbox as LIST names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    pub attributes: Vec<String>,
+    /// Decoded from modified UTF-7 (as sent, if it was not valid).
+    pub name: String,
+}
+
 /// What SELECT tells a pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Selected {
@@ -286,6 +294,16 @@ impl Imap {
     }
 
     pub async fn select(&mut self, mailbox: &str) -> Result<Selected> {
+        self.open("SELECT", mailbox).await
+    }
+
+    /// EXAMINE: SELECT read-only, for the commands that must change
+    /// nothing (`verify`, `baseline`): not even `\Recent`.
+    pub async fn examine(&mut self, mailbox: &str) -> Result<Selected> {
+        self.open("EXAMINE", mailbox).await
+    }
+
+    async fn open(&mut self, verb: &'static str, mailbox: &str) -> Result<Selected> {
         let name = utf7::encode(mailbox);
         let q = quoted(&name);
         let arg = match &q {
@@ -293,8 +311,9 @@ impl Imap {
             None => Part::Literal(name.as_bytes()),
         };
         let (mut exists, mut uidvalidity, mut uidnext) = (None, None, None);
+        let head = format!("{verb} ");
         self.conn
-            .run("SELECT", &[Part::Text("SELECT "), arg], |d| {
+            .run(verb, &[Part::Text(&head), arg], |d| {
                 match d {
                     Data::Exists(n) => exists = Some(n),
                     Data::Status {
@@ -310,7 +329,7 @@ impl Imap {
                 Ok(())
             })
             .await
-            .with_context(|| format!("selecting mailbox {mailbox:?} on {}", self.peer))?;
+            .with_context(|| format!("opening mailbox {mailbox:?} on {} ({verb})", self.peer))?;
         let Some(uidvalidity) = uidvalidity else {
             bail!("{} sent no UIDVALIDITY for {mailbox:?}", self.peer);
         };
@@ -452,21 +471,35 @@ impl Imap {
         Ok(())
     }
 
-    /// The mailbox carrying the `\Trash` special-use attribute (RFC 6154).
+    /// The mailbox carrying the `\Trash` special-use attribute (RFC 6154),
+    /// by its name as a config writes it (decoded from modified UTF-7, as
+    /// [`Imap::uid_move`] encodes it again).
     pub async fn trash_mailbox(&mut self) -> Result<Option<String>> {
-        let mut found = None;
+        Ok(self
+            .list()
+            .await?
+            .into_iter()
+            .find(|m| {
+                m.attributes
+                    .iter()
+                    .any(|a| a.eq_ignore_ascii_case("\\Trash"))
+            })
+            .map(|m| m.name))
+    }
+
+    /// Every mailbox on the server (`LIST "" "*"`), names decoded.
+    pub async fn list(&mut self) -> Result<Vec<Listed>> {
+        let mut found = Vec::new();
         self.conn
             .run("LIST", &[Part::Text("LIST \"\" \"*\"")], |d| {
                 if let Data::List { attributes, name } = d {
-                    if found.is_none()
-                        && attributes.iter().any(|a| a.eq_ignore_ascii_case("\\Trash"))
-                    {
-                        found = Some(name);
-                    }
+                    let name = utf7::decode(&name).unwrap_or(name);
+                    found.push(Listed { attributes, name });
                 }
                 Ok(())
             })
-            .await?;
+            .await
+            .with_context(|| format!("listing the mailboxes on {}", self.peer))?;
         Ok(found)
     }
 

@@ -2,5 +2,6 @@
 //! opening SQLite. Each reads the ledger (and, for `check` and `verify`,
 //! the servers) and changes only what its name says.
 
+pub mod check;
 pub mod quarantine;
 pub mod status;

@@ -199,3 +199,68 @@ fn quarantine_retry_wakes_a_running_daemon() {
     assert_eq!(smtp.messages().len(), 1);
     assert_eq!(d.stop().0, Some(0));
 }
+
+#[test]
+fn check_logs_in_lists_and_greets_the_local_server_without_sending_mail() {
+    let smtp = FakeSmtp::start(|_, _| "250 ok".into());
+    let case = Case::new(&smtp.url(), &["x@example.test"], "");
+    drop_message(&case.user, 1, &message(1, "bob@remote.test", "hi"), false);
+    let out = case.run(&["check"]);
+    let text = stdout(&out);
+    assert_exit(&out, 0);
+    assert!(text.contains("the configuration is valid"), "{text}");
+    assert!(text.contains("IMAP       ok: logged in"), "{text}");
+    assert!(
+        text.contains("IDLE yes") && text.contains("UIDPLUS yes"),
+        "{text}"
+    );
+    assert!(text.contains("(all there)"), "{text}");
+    assert!(text.contains("local      ok"), "{text}");
+    assert!(text.contains("all checks passed"), "{text}");
+    // One session with the local server, no mail; nothing fetched or
+    // flagged on the remote, no ledger row.
+    assert_eq!(smtp.connections.load(Ordering::SeqCst), 1);
+    assert!(smtp.messages().is_empty());
+    let f = flags(&case.user, "INBOX");
+    assert!(
+        f.len() == 1 && !f.values().any(|v| v.contains("Seen")),
+        "{f:?}"
+    );
+    assert!(case.rows().is_empty());
+    // The real Postfix answers too.
+    let case = Case::new(&crate::harness::smtp(), &["x@example.test"], "");
+    assert_exit(&case.run(&["check"]), 0);
+}
+
+#[test]
+fn check_says_what_is_wrong_and_how_to_fix_it() {
+    // A wrong password.
+    let case = Case::new(&smtp(), &["x@example.test"], "");
+    std::fs::write(case.dir.join("password"), "wrong\n").unwrap();
+    let out = case.run(&["check"]);
+    assert_exit(&out, 77);
+    let text = stdout(&out);
+    assert!(text.contains("IMAP       FAILED"), "{text}");
+    assert!(text.contains("check `username` and the password"), "{text}");
+    // A mailbox that is not there.
+    let case = Case::new(
+        &smtp(),
+        &["x@example.test"],
+        "mailboxes = [\"INBOX\", \"Nope\"]",
+    );
+    let out = case.run(&["check"]);
+    assert_exit(&out, 78);
+    assert!(stdout(&out).contains("MISSING: Nope"), "{}", stdout(&out));
+    // No local server.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let case = Case::new(&format!("smtp://127.0.0.1:{port}"), &["x@example.test"], "");
+    let out = case.run(&["check"]);
+    assert_exit(&out, 69);
+    let text = stdout(&out);
+    assert!(text.contains("local      FAILED"), "{text}");
+    assert!(text.contains("some checks FAILED"), "{text}");
+}
