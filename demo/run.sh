@@ -67,6 +67,9 @@ smtp_sessions() {
     grep -c 'smtpd\[[0-9]*\]: connect from' "$POSTFIX_DIR/maillog" 2>/dev/null || true
 }
 
+echo "== imapull check (log in, greet the local server; no mail)"
+"$imapull" --config "$work/imapull.toml" check
+echo
 echo "== imapull run"
 start=$(smtp_sessions)
 first=0
@@ -102,8 +105,10 @@ second=0
 after=$(smtp_sessions)
 echo "exit code: $second; SMTP sessions Postfix saw during this run: $((after - before))"
 echo
-echo "== imapull status (the ledger)"
-"$imapull" --config "$work/imapull.toml" status | head -8
+echo "== imapull status (from the ledger)"
+"$imapull" --config "$work/imapull.toml" status
+echo "== imapull verify (the server against the ledger)"
+"$imapull" --config "$work/imapull.toml" verify
 echo "..."
 echo
 echo "== summary"

@@ -55,6 +55,10 @@ const DEFAULT_MAX_CONNECTIONS: u32 = 4;
 /// message, five in a row is a sick local server, and the rest may as
 /// well wait on the remote server than be downloaded for nothing.
 const DEFAULT_MAX_DEFERRALS: u32 = 5;
+/// Mail deferred for an hour means the local server has been refusing for
+/// longer than a restart or a reload takes: worth a look, long before the
+/// days after which a mail server would bounce it.
+const DEFAULT_STUCK_AFTER: Duration = Duration::from_secs(3600);
 
 /// Daemon: an IDLE is re-issued after this long. RFC 2177 says servers may
 /// end an IDLE after 30 minutes of inactivity, so clients re-issue it
@@ -137,6 +141,7 @@ pub struct RawAccount {
     pub retry_interval: Option<HumanDuration>,
     pub retry_max: Option<HumanDuration>,
     pub max_connections: Option<u32>,
+    pub stuck_after: Option<HumanDuration>,
 }
 
 /// A mailbox as written: a name, or a table with its own settings.
@@ -444,6 +449,9 @@ pub struct Account {
     pub retry_max: Duration,
     /// Daemon: IMAP connections per account at most.
     pub max_connections: u32,
+    /// A message deferred this long is stuck: `imapull verify` fails on it
+    /// and `status` marks it.
+    pub stuck_after: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -572,7 +580,8 @@ fn merge(d: &RawAccount, a: RawAccount) -> RawAccount {
         catchup_interval,
         retry_interval,
         retry_max,
-        max_connections
+        max_connections,
+        stuck_after
     )
 }
 
@@ -818,6 +827,7 @@ fn common(
         retry_interval: limits.retry_interval,
         retry_max: limits.retry_max,
         max_connections: limits.max_connections,
+        stuck_after: dur(a.stuck_after, DEFAULT_STUCK_AFTER),
     })
 }
 
@@ -936,6 +946,7 @@ fn resolve_limits(
         ("idle_timeout", a.idle_timeout),
         ("poll_interval", a.poll_interval),
         ("catchup_interval", a.catchup_interval),
+        ("stuck_after", a.stuck_after),
     ] {
         if d.is_some_and(|d| d.0.is_zero()) {
             return Err(here(key, "must be longer than 0".into()));

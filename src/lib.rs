@@ -54,7 +54,10 @@ pub mod exit {
     /// SOFTWARE). Never decided by an error's text.
     pub fn for_error(e: &anyhow::Error, otherwise: i32) -> i32 {
         use super::imap::ConnectError;
-        if find::<super::UnknownAccount>(e).is_some() || find::<super::UnknownState>(e).is_some() {
+        if find::<super::UnknownAccount>(e).is_some()
+            || find::<super::UnknownState>(e).is_some()
+            || find::<super::UnknownMailbox>(e).is_some()
+        {
             return USAGE;
         }
         if find::<super::config::ConfigError>(e).is_some() {
@@ -79,6 +82,15 @@ pub mod exit {
         e.downcast_ref::<T>()
             .or_else(|| e.chain().find_map(|c| c.downcast_ref::<T>()))
     }
+}
+
+/// A mailbox named on the command line that the account does not pull.
+#[derive(Debug, thiserror::Error)]
+#[error("{account} has no mailbox {name:?} in `mailboxes` (it has {known})")]
+pub struct UnknownMailbox {
+    pub account: String,
+    pub name: String,
+    pub known: String,
 }
 
 /// A message state named on the command line that there is none of.

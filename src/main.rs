@@ -87,6 +87,23 @@ enum Command {
         #[arg(long, requires = "messages")]
         state: Option<String>,
     },
+    /// Compare each mailbox on the server with the ledger, changing
+    /// nothing: exit 0 when they agree (a health check for a timer).
+    Verify {
+        /// Account names from the config; all when none is given.
+        accounts: Vec<String>,
+        /// Exact and stable JSON (schema in docs/operations.md).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set the watermark to the server's UIDNEXT without delivering: the
+    /// mail there now is left alone, what comes later is pulled (for a move
+    /// from fetchmail or getmail).
+    Baseline {
+        account: String,
+        /// Only this mailbox; all of the account's when not given.
+        mailbox: Option<String>,
+    },
     /// The messages the local server rejected (5xx), kept on the remote
     /// server until you decide.
     Quarantine {
@@ -202,6 +219,15 @@ fn real_main(cli: Cli) -> i32 {
             state,
         } => finish(status(&config, &accounts, json, messages, state.as_deref())),
         Command::Quarantine { action } => finish(quarantine(&config, action)),
+        Command::Verify { accounts, json } => finish(rt.block_on(verify(&config, &accounts, json))),
+        Command::Baseline { account, mailbox } => finish(rt.block_on(async {
+            imapull::check_accounts(&config, std::slice::from_ref(&account))?;
+            let a = config.account(&account).expect("checked");
+            let mut out = std::io::stdout().lock();
+            let now = imapull::system_now();
+            imapull::ops::baseline::baseline(&mut out, &config, a, mailbox.as_deref(), now).await?;
+            Ok(exit::OK)
+        })),
         Command::Daemon => rt.block_on(daemon(path, config)),
         Command::Purge {
             accounts,
@@ -358,6 +384,29 @@ fn status(
     }
     let _ = out.flush();
     Ok(exit::OK)
+}
+
+async fn verify(config: &Config, accounts: &[String], json: bool) -> anyhow::Result<i32> {
+    use imapull::ops::verify;
+    use std::io::Write as _;
+    imapull::check_accounts(config, accounts)?;
+    let ledger = imapull::ledger::LedgerHandle::new(imapull::ledger::Ledger::open(&config.ledger)?);
+    let now = imapull::system_now();
+    let chosen = config
+        .accounts
+        .iter()
+        .filter(|a| accounts.is_empty() || accounts.contains(&a.name));
+    let verdicts =
+        futures_util::future::join_all(chosen.map(|a| verify::verify(a, &ledger, now))).await;
+    let mut out = std::io::stdout().lock();
+    if json {
+        let doc = serde_json::json!({ "schema": 1, "accounts": verdicts });
+        let _ = serde_json::to_writer_pretty(&mut out, &doc);
+        let _ = writeln!(out);
+    } else {
+        let _ = verify::print(&mut out, &verdicts);
+    }
+    Ok(verify::exit_code(&verdicts))
 }
 
 fn quarantine(config: &Config, action: Quarantine) -> anyhow::Result<i32> {

@@ -2,6 +2,8 @@
 //! opening SQLite. Each reads the ledger (and, for `check` and `verify`,
 //! the servers) and changes only what its name says.
 
+pub mod baseline;
 pub mod check;
 pub mod quarantine;
 pub mod status;
+pub mod verify;

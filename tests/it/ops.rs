@@ -264,3 +264,84 @@ fn check_says_what_is_wrong_and_how_to_fix_it() {
     assert!(text.contains("local      FAILED"), "{text}");
     assert!(text.contains("some checks FAILED"), "{text}");
 }
+
+fn verify_json(case: &Case, code: i32) -> serde_json::Value {
+    let out = case.run(&["verify", "--json"]);
+    assert_exit(&out, code);
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", stdout(&out)))
+}
+
+fn kinds(v: &serde_json::Value) -> Vec<String> {
+    inbox(v)["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["kind"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn verify_finds_what_changed_behind_imapulls_back() {
+    let rcpt = new_recipient();
+    let case = Case::new(&smtp(), &[&rcpt], "initial = \"all\"");
+    for n in 0..3 {
+        drop_message(&case.user, n, &message(n, "bob@remote.test", "v"), false);
+    }
+    // Never pulled: nothing to compare, not a failure.
+    assert_eq!(kinds(&verify_json(&case, 0)), vec!["never_pulled"]);
+    assert_exit(&case.run(&["run"]), 0);
+    wait_delivered(&rcpt, 3);
+    let v = verify_json(&case, 0);
+    assert_eq!(inbox(&v)["agrees"], true, "{v}");
+    assert_eq!(inbox(&v)["server"]["messages"], 3);
+    let text = stdout(&case.run(&["verify"]));
+    assert!(text.contains("INBOX: agrees (3 message(s)"), "{text}");
+    // Another client expunges a delivered message: said, not a failure.
+    doveadm(&["expunge", "-u", &case.user, "mailbox", "INBOX", "uid", "1"]);
+    assert_eq!(kinds(&verify_json(&case, 0)), vec!["gone_before_retention"]);
+    // A message below the watermark the ledger never saw (its row lost).
+    let conn = rusqlite::Connection::open(&case.ledger).unwrap();
+    conn.execute("DELETE FROM message WHERE uid = 2", [])
+        .unwrap();
+    let v = verify_json(&case, 65);
+    assert_eq!(
+        kinds(&v),
+        vec!["never_seen", "gone_before_retention"],
+        "{v}"
+    );
+    assert_eq!(inbox(&v)["findings"][0]["uids"], serde_json::json!([2]));
+    assert!(stdout(&case.run(&["verify"])).contains("DISAGREES"));
+    // Verify changed nothing: no flag, no row.
+    assert!(flags(&case.user, "INBOX")
+        .values()
+        .all(|f| f.contains("Seen")));
+    assert_eq!(case.rows().len(), 2);
+}
+
+#[test]
+fn baseline_skips_the_mail_there_and_pulls_what_comes_later() {
+    let rcpt = new_recipient();
+    let case = Case::new(&smtp(), &[&rcpt], "initial = \"all\"");
+    for n in 0..3 {
+        drop_message(&case.user, n, &message(n, "bob@remote.test", "old"), false);
+    }
+    let out = case.run(&["baseline", &case.user]);
+    assert_exit(&out, 0);
+    let text = stdout(&out);
+    assert!(text.contains("watermark set to UIDNEXT 4"), "{text}");
+    assert!(
+        text.contains("the 3 message(s) there now are not delivered"),
+        "{text}"
+    );
+    assert_exit(&case.run(&["run"]), 0);
+    drop_message(&case.user, 9, &message(9, "bob@remote.test", "new"), false);
+    assert_exit(&case.run(&["run"]), 0);
+    let got = wait_delivered(&rcpt, 1);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(settle_delivered(&rcpt).len(), 1);
+    assert!(String::from_utf8_lossy(&got[0]).contains("new"));
+    // The skipped mail is skipped on purpose: verify agrees.
+    assert_eq!(inbox(&verify_json(&case, 0))["agrees"], true);
+    // A mailbox the account does not pull is refused.
+    assert_exit(&case.run(&["baseline", &case.user, "Nope"]), 64);
+}
