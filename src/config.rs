@@ -59,6 +59,9 @@ const DEFAULT_MAX_DEFERRALS: u32 = 5;
 /// longer than a restart or a reload takes: worth a look, long before the
 /// days after which a mail server would bounce it.
 const DEFAULT_STUCK_AFTER: Duration = Duration::from_secs(3600);
+/// An hour of failed logins or connections is past a provider's blip or a
+/// server's restart, and soon enough for a changed password.
+const DEFAULT_ALERT_AFTER: Duration = Duration::from_secs(3600);
 
 /// Daemon: an IDLE is re-issued after this long. RFC 2177 says servers may
 /// end an IDLE after 30 minutes of inactivity, so clients re-issue it
@@ -142,6 +145,8 @@ pub struct RawAccount {
     pub retry_max: Option<HumanDuration>,
     pub max_connections: Option<u32>,
     pub stuck_after: Option<HumanDuration>,
+    pub alert_to: Option<String>,
+    pub alert_after: Option<HumanDuration>,
 }
 
 /// A mailbox as written: a name, or a table with its own settings.
@@ -449,9 +454,13 @@ pub struct Account {
     pub retry_max: Duration,
     /// Daemon: IMAP connections per account at most.
     pub max_connections: u32,
-    /// A message deferred this long is stuck: `imapull verify` fails on it
-    /// and `status` marks it.
+    /// A message deferred this long is stuck: `imapull verify` fails on it,
+    /// and an alert is raised.
     pub stuck_after: Duration,
+    /// Where alerts go (through `deliver`); None: they are logged.
+    pub alert_to: Option<String>,
+    /// An account failing this long raises an alert.
+    pub alert_after: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -581,7 +590,9 @@ fn merge(d: &RawAccount, a: RawAccount) -> RawAccount {
         retry_interval,
         retry_max,
         max_connections,
-        stuck_after
+        stuck_after,
+        alert_to,
+        alert_after
     )
 }
 
@@ -786,6 +797,7 @@ fn common(
         None => local_hostname(),
     };
     let limits = resolve_limits(&a, here)?;
+    let alert_to = resolve_alert_to(&a, here)?;
     let Reach {
         host,
         port,
@@ -828,7 +840,20 @@ fn common(
         retry_max: limits.retry_max,
         max_connections: limits.max_connections,
         stuck_after: dur(a.stuck_after, DEFAULT_STUCK_AFTER),
+        alert_to,
+        alert_after: dur(a.alert_after, DEFAULT_ALERT_AFTER),
     })
+}
+
+fn resolve_alert_to(
+    a: &RawAccount,
+    here: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<Option<String>, ConfigError> {
+    match a.alert_to.as_deref() {
+        None => Ok(None),
+        Some(to) if is_plausible_address(to) && !to.is_empty() => Ok(Some(to.to_string())),
+        Some(to) => Err(here("alert_to", format!("{to:?} is not an address"))),
+    }
 }
 
 /// The mailboxes to pull, each with its retention (the account's unless
@@ -947,6 +972,7 @@ fn resolve_limits(
         ("poll_interval", a.poll_interval),
         ("catchup_interval", a.catchup_interval),
         ("stuck_after", a.stuck_after),
+        ("alert_after", a.alert_after),
     ] {
         if d.is_some_and(|d| d.0.is_zero()) {
             return Err(here(key, "must be longer than 0".into()));

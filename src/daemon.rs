@@ -438,6 +438,7 @@ async fn watch(
             }
         };
         crate::health::failed(&ledger, &spec.account, &spec.mailboxes, now(), &error).await;
+        crate::alert::evaluate(&spec.account, &ledger, now()).await;
         if let Ok(mut f) = status.failing.lock() {
             f.insert(key.clone(), error);
         }
@@ -519,6 +520,7 @@ async fn serve(
             &deferred,
         )
         .await?;
+        crate::alert::evaluate(account, ledger, now()).await;
         if idle {
             // Re-issued before idle_timeout, and a pass at least every
             // catchup_interval: an IDLE that died silently costs minutes.

@@ -12,6 +12,7 @@
 //! `main.rs` only parses arguments, sets up logging and maps the result to
 //! an exit code; everything else lives here, where the tests reach it.
 
+pub mod alert;
 pub mod config;
 pub mod credentials;
 pub mod daemon;
@@ -262,6 +263,7 @@ async fn run_account(
             tracing::error!("{e}");
             let message = e.to_string();
             health::failed(&ledger, account, &account.mailboxes, now(), &message).await;
+            alert::evaluate(account, &ledger, now()).await;
             let e: anyhow::Error = e.into();
             let code = exit::for_error(&e, exit::UNAVAILABLE);
             result.failure = Some((code, message));
@@ -269,7 +271,7 @@ async fn run_account(
         }
     };
     let mut sessions = Sessions::for_account(account);
-    let ctx = Ctx::new(account, ledger, &now, None);
+    let ctx = Ctx::new(account, ledger.clone(), &now, None);
     for mb in &account.mailboxes {
         let work = work_mailbox(&ctx, &mut imap, &mut sessions, mb, mode).await;
         result.report.add(&work.report);
@@ -289,6 +291,7 @@ async fn run_account(
     }
     sessions.quit().await;
     imap.logout().await;
+    alert::evaluate(account, &ledger, now()).await;
     result
 }
 

@@ -68,6 +68,24 @@ const MIGRATIONS: &[&str] = &[
             AND m.uidvalidity = mailbox.uidvalidity),
         watermark);
      ALTER TABLE message ADD COLUMN dropped_at INTEGER;",
+    // 5: alerts. One row per condition an operator is told about (an
+    // account failing, mail stuck, a message quarantined): when it was
+    // found, when its notice went out (or since when the local server has
+    // refused it), when it ended and when that was told; so that no notice
+    // is sent twice, across restarts too.
+    "CREATE TABLE notice (
+        account       TEXT NOT NULL,
+        kind          TEXT NOT NULL,
+        subject       TEXT NOT NULL,
+        raised_at     INTEGER NOT NULL,
+        detail        TEXT NOT NULL,
+        sent_at       INTEGER,
+        held_since    INTEGER,
+        held_reply    TEXT,
+        cleared_at    INTEGER,
+        clear_sent_at INTEGER,
+        PRIMARY KEY (account, kind, subject)
+     ) STRICT;",
 ];
 
 pub fn run(conn: &mut Connection) -> Result<()> {

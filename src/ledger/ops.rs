@@ -8,6 +8,7 @@ use anyhow::Result;
 use rusqlite::{params, OptionalExtension};
 
 use super::{Ledger, State};
+use crate::alert::{Condition, Kind, Notice};
 
 /// How a mailbox's passes went.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -292,6 +293,141 @@ impl Ledger {
         }
         tx.commit()?;
         Ok(rows)
+    }
+}
+
+impl Ledger {
+    /// What holds now that an operator is told about: mailboxes of
+    /// `account` failing for `after` seconds (one condition), mail deferred
+    /// for `stuck` seconds (one), and each quarantined message.
+    pub fn alert_conditions(
+        &self,
+        account: &str,
+        mailboxes: &[crate::config::MailboxConfig],
+        now: i64,
+        after: i64,
+        stuck: i64,
+    ) -> Result<Vec<Condition>> {
+        let at = crate::ops::status::rfc3339;
+        let (mut failing, mut stuck_mail) = (Vec::new(), Vec::new());
+        for mb in mailboxes {
+            let h = self.health(account, &mb.name)?;
+            if let Some(since) = h.failing_since.filter(|s| now - s >= after) {
+                failing.push(format!(
+                    "{} since {}: {}",
+                    mb.name,
+                    at(since),
+                    h.last_error.unwrap_or_default()
+                ));
+            }
+            let s = self.summary(account, &mb.name, now)?;
+            if let Some(oldest) = s.oldest_deferred_at.filter(|o| now - o >= stuck) {
+                stuck_mail.push(format!(
+                    "{}: {} deferred, the oldest since {}",
+                    mb.name,
+                    s.deferred,
+                    at(oldest)
+                ));
+            }
+        }
+        let mut out = Vec::new();
+        for (kind, items) in [(Kind::Failing, failing), (Kind::Stuck, stuck_mail)] {
+            if !items.is_empty() {
+                out.push(Condition {
+                    kind,
+                    subject: String::new(),
+                    detail: items.join("; "),
+                });
+            }
+        }
+        for q in self.quarantined(Some(account))? {
+            out.push(Condition {
+                kind: Kind::Quarantined,
+                subject: q.id.to_string(),
+                detail: format!(
+                    "{} uid {} {} at {}: {}",
+                    q.mailbox,
+                    q.uid,
+                    q.message_id.as_deref().unwrap_or("(no Message-ID)"),
+                    at(q.at),
+                    q.reply.as_deref().unwrap_or("-")
+                ),
+            });
+        }
+        Ok(out)
+    }
+
+    pub fn notices(&self, account: &str) -> Result<Vec<Notice>> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT kind, subject, raised_at, detail, sent_at, held_since, held_reply,
+                    cleared_at, clear_sent_at
+             FROM notice WHERE account = ?1 ORDER BY kind, subject",
+        )?;
+        let rows = st.query_map(params![account], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                Notice {
+                    kind: Kind::Failing,
+                    subject: r.get(1)?,
+                    raised_at: r.get(2)?,
+                    detail: r.get(3)?,
+                    sent_at: r.get(4)?,
+                    held_since: r.get(5)?,
+                    held_reply: r.get(6)?,
+                    cleared_at: r.get(7)?,
+                    clear_sent_at: r.get(8)?,
+                },
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (kind, mut n) = row?;
+            // A kind this imapull does not know (a newer one wrote it):
+            // left alone.
+            if let Some(k) = Kind::parse(&kind) {
+                n.kind = k;
+                out.push(n);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Makes `rows` the account's notices, in one transaction.
+    pub fn save_notices(&mut self, account: &str, rows: &[Notice]) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        {
+            let kinds: Vec<&str> = [Kind::Failing, Kind::Stuck, Kind::Quarantined]
+                .iter()
+                .map(|k| k.as_str())
+                .collect();
+            for k in kinds {
+                tx.execute(
+                    "DELETE FROM notice WHERE account = ?1 AND kind = ?2",
+                    params![account, k],
+                )?;
+            }
+            let mut st = tx.prepare(
+                "INSERT INTO notice (account, kind, subject, raised_at, detail, sent_at,
+                   held_since, held_reply, cleared_at, clear_sent_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            )?;
+            for n in rows {
+                st.execute(params![
+                    account,
+                    n.kind.as_str(),
+                    n.subject,
+                    n.raised_at,
+                    n.detail,
+                    n.sent_at,
+                    n.held_since,
+                    n.held_reply,
+                    n.cleared_at,
+                    n.clear_sent_at
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
     }
 }
 

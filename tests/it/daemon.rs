@@ -49,6 +49,11 @@ impl Daemon {
         }
     }
 
+    /// SIGUSR1: pull everything now (and reconnect now).
+    pub fn wake(&self) {
+        self.signal(libc::SIGUSR1);
+    }
+
     fn signal(&self, sig: i32) {
         // SAFETY: our own child's PID.
         unsafe { libc::kill(self.child.id() as i32, sig) };

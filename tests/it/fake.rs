@@ -384,6 +384,10 @@ pub struct MailState {
     pub expunge_mid_fetch: Option<u32>,
     /// Wait this long before every reply: a server across a slow link.
     pub delay: Duration,
+    /// Keep `fault` after it was injected: every such command fails.
+    pub sticky: bool,
+    /// The session being served, for [`MailServer::hang_up`].
+    pub current: Option<TcpStream>,
 }
 
 /// An injected answer to one command.
@@ -441,6 +445,9 @@ impl MailServer {
                         Ok((s, _)) => {
                             s.set_nonblocking(false).unwrap();
                             let _ = mail_session(s, &caps, &state);
+                            // The last handle on the session: closing it
+                            // is what the client sees.
+                            state.lock().unwrap().current = None;
                         }
                         Err(_) => std::thread::sleep(Duration::from_millis(10)),
                     }
@@ -462,6 +469,14 @@ impl MailServer {
 
     pub fn commands(&self) -> Vec<String> {
         self.state.lock().unwrap().log.clone()
+    }
+
+    /// Closes the session being served (an idling client sees the
+    /// connection drop, and reconnects).
+    pub fn hang_up(&self) {
+        if let Some(s) = self.state.lock().unwrap().current.take() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
     }
 }
 
@@ -488,6 +503,7 @@ fn parse_set(set: &str, max: u32) -> Vec<u32> {
 
 fn mail_session(s: TcpStream, caps: &str, state: &Mutex<MailState>) -> std::io::Result<()> {
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    state.lock().unwrap().current = s.try_clone().ok();
     let mut w = s.try_clone()?;
     let mut r = BufReader::new(s);
     w.write_all(b"* OK fake mail server\r\n")?;
@@ -511,7 +527,9 @@ fn mail_session(s: TcpStream, caps: &str, state: &Mutex<MailState>) -> std::io::
             _ => None,
         };
         if let Some(f) = injected {
-            st.fault = None;
+            if !st.sticky {
+                st.fault = None;
+            }
             match f {
                 Fault::No => {
                     w.write_all(format!("{tag} NO [UNAVAILABLE] injected\r\n").as_bytes())?;

@@ -5,6 +5,7 @@
 mod fake;
 mod harness;
 
+mod alerts;
 mod compress;
 mod daemon;
 mod faults;
