@@ -98,6 +98,7 @@ const DEFAULT_PARALLEL_ACCOUNTS: usize = 8;
 pub struct RawConfig {
     pub ledger: Option<PathBuf>,
     pub parallel_accounts: Option<u32>,
+    pub metrics_listen: Option<String>,
     #[serde(default)]
     pub defaults: RawAccount,
     #[serde(default)]
@@ -470,6 +471,11 @@ pub struct Config {
     pub accounts: Vec<Account>,
     /// How many accounts `imapull run` works on at once.
     pub parallel_accounts: usize,
+    /// The daemon serves `/metrics` and `/healthz` here.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Where metrics are written after each run or round of passes: from
+    /// the command line (`--metrics-file`), not the file.
+    pub metrics_file: Option<PathBuf>,
 }
 
 /// A configuration error, already worded for the operator (file, line, key).
@@ -534,11 +540,22 @@ impl Config {
             }
             Some(n) => n as usize,
         };
+        let metrics_listen = match raw.metrics_listen.as_deref() {
+            None => None,
+            Some(a) => Some(a.parse().map_err(|_| {
+                ConfigError(format!(
+                    "{}: `metrics_listen`: {a:?} is not an address and port such as \"127.0.0.1:9725\"",
+                    path.display()
+                ))
+            })?),
+        };
         Ok(Config {
             path: path.to_path_buf(),
             ledger,
             accounts,
             parallel_accounts,
+            metrics_listen,
+            metrics_file: None,
         })
     }
 

@@ -179,12 +179,23 @@ pub fn plan_tasks(config: &Config) -> Vec<TaskSpec> {
 #[derive(Default)]
 struct Status {
     connected: AtomicUsize,
+    /// Connections in IDLE now.
+    idling: AtomicUsize,
+    /// Rounds of passes so far: the metrics file is rewritten when it moved.
+    rounds: AtomicUsize,
     delivered: AtomicUsize,
     failing: Mutex<HashMap<String, String>>,
     last_delivery: Mutex<Option<String>>,
 }
 
 impl Status {
+    fn live(&self) -> crate::metrics::Live {
+        crate::metrics::Live {
+            connected: self.connected.load(Ordering::Relaxed) as i64,
+            idling: self.idling.load(Ordering::Relaxed) as i64,
+        }
+    }
+
     fn line(&self, tasks: usize) -> String {
         let failing = self.failing.lock().map(|f| f.len()).unwrap_or(0);
         let last = self
@@ -234,6 +245,22 @@ pub async fn run_daemon(
     for spec in plan_tasks(&config) {
         start_task(&mut tasks, spec, &ledger, &now, &status);
     }
+    // The accounts the metrics cover: the configuration's, as reloaded.
+    let current = Arc::new(std::sync::RwLock::new(Arc::new(config.clone())));
+    if let Some(addr) = config.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("metrics_listen: cannot listen on {addr}: {e}"))?;
+        tokio::spawn(serve_metrics(
+            listener,
+            current.clone(),
+            status.clone(),
+            now.clone(),
+        ));
+        tracing::info!("metrics on http://{addr}/metrics, health on /healthz");
+    }
+    let metrics_file = config.metrics_file.clone();
+    let mut written_at_round = usize::MAX;
     let _ = sd_notify::notify(&[NotifyState::Ready]);
     tracing::info!(tasks = tasks.len(), "daemon started");
 
@@ -257,7 +284,16 @@ pub async fn run_daemon(
                     ]);
                     match Config::load(&config_path) {
                         Err(e) => tracing::error!("configuration not reloaded, keeping the old one: {e}"),
-                        Ok(new) => reload(&mut tasks, &mut locks, &new, &ledger, &now, &status).await,
+                        Ok(mut new) => {
+                            if new.metrics_listen != config.metrics_listen {
+                                tracing::warn!("metrics_listen changed: it takes effect at the next start");
+                            }
+                            new.metrics_file = config.metrics_file.clone();
+                            reload(&mut tasks, &mut locks, &new, &ledger, &now, &status).await;
+                            if let Ok(mut c) = current.write() {
+                                *c = Arc::new(new);
+                            }
+                        }
                     }
                     let _ = sd_notify::notify(&[NotifyState::Ready]);
                 }
@@ -266,6 +302,12 @@ pub async fn run_daemon(
                 // The watchdog is fed only while every task is alive: a
                 // panicked task means the supervisor lost one.
                 let healthy = tasks.values().all(|t| !t.handle.is_finished());
+                let rounds = status.rounds.load(Ordering::Relaxed);
+                if let Some(path) = metrics_file.as_ref().filter(|_| rounds != written_at_round) {
+                    written_at_round = rounds;
+                    let c = current.read().map(|c| c.clone()).unwrap_or_else(|p| p.into_inner().clone());
+                    crate::metrics::write(path, &c, &ledger, now(), Some(status.live())).await;
+                }
                 let line = status.line(tasks.len());
                 let _ = sd_notify::notify(&[NotifyState::Status(&line)]);
                 if healthy && watchdog.is_some() {
@@ -296,6 +338,76 @@ pub async fn run_daemon(
     drop(locks);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// `/metrics` and `/healthz` on `metrics_listen`, with a ledger connection
+/// of their own (reads never wait for the passes' writes: WAL).
+async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    current: Arc<std::sync::RwLock<Arc<Config>>>,
+    status: Arc<Status>,
+    now: Clock,
+) {
+    use http_body_util::Full;
+    use hyper::body::Bytes;
+    let path = current.read().map(|c| c.ledger.clone()).unwrap_or_default();
+    let ledger = match Ledger::open(&path) {
+        Ok(l) => LedgerHandle::new(l),
+        Err(e) => {
+            tracing::error!("metrics: {e:#}");
+            return;
+        }
+    };
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let (current, status, now, ledger) =
+            (current.clone(), status.clone(), now.clone(), ledger.clone());
+        let service =
+            hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let config = current
+                    .read()
+                    .map(|c| c.clone())
+                    .unwrap_or_else(|p| p.into_inner().clone());
+                let (status, now, ledger) = (status.clone(), now.clone(), ledger.clone());
+                async move {
+                    let path = req.uri().path().to_string();
+                    let live = status.live();
+                    let t = now();
+                    let answer = ledger
+                        .call(move |l| match path.as_str() {
+                            "/metrics" => Ok((
+                                200,
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                                crate::metrics::render(&config, l, t, Some(live))?,
+                            )),
+                            "/healthz" => Ok(match crate::metrics::trouble(&config, l, t)? {
+                                None => (200, "text/plain; charset=utf-8", "ok\n".to_string()),
+                                Some(why) => (503, "text/plain; charset=utf-8", format!("{why}\n")),
+                            }),
+                            _ => Ok((
+                                404,
+                                "text/plain; charset=utf-8",
+                                "/metrics or /healthz\n".to_string(),
+                            )),
+                        })
+                        .await
+                        .unwrap_or_else(|e| (500, "text/plain; charset=utf-8", format!("{e:#}\n")));
+                    let (code, kind, body) = answer;
+                    hyper::Response::builder()
+                        .status(code)
+                        .header("content-type", kind)
+                        .body(Full::new(Bytes::from(body)))
+                }
+            });
+        tokio::spawn(async move {
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await;
+        });
+    }
 }
 
 fn monotonic_now() -> NotifyState<'static> {
@@ -521,12 +633,16 @@ async fn serve(
         )
         .await?;
         crate::alert::evaluate(account, ledger, now()).await;
+        status.rounds.fetch_add(1, Ordering::Relaxed);
         if idle {
             // Re-issued before idle_timeout, and a pass at least every
             // catchup_interval: an IDLE that died silently costs minutes.
             let wait = account.idle_timeout.min(account.catchup_interval);
             let wait = retry_in.map_or(wait, |r| r.min(wait));
-            let (i, end) = imap.idle(wait, wake, stop).await?;
+            status.idling.fetch_add(1, Ordering::Relaxed);
+            let idled = imap.idle(wait, wake, stop).await;
+            status.idling.fetch_sub(1, Ordering::Relaxed);
+            let (i, end) = idled?;
             imap = i;
             tracing::debug!(?end, "IDLE ended");
             if end == IdleEnd::Stopped {

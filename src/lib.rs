@@ -20,6 +20,7 @@ pub mod deliver;
 pub mod imap;
 pub mod ledger;
 pub mod lock;
+pub mod metrics;
 pub mod net;
 pub mod ops;
 pub mod pull;
@@ -232,7 +233,11 @@ pub async fn run_accounts(
         }
         .instrument(span)
     });
-    Ok(futures_util::future::join_all(runs).await)
+    let results = futures_util::future::join_all(runs).await;
+    if let Some(path) = &config.metrics_file {
+        metrics::write(path, config, &ledger, now(), None).await;
+    }
+    Ok(results)
 }
 
 async fn run_account(

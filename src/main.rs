@@ -25,6 +25,11 @@ struct Cli {
     /// Only warnings and errors.
     #[arg(short, long, global = true)]
     quiet: bool,
+    /// Write metrics (OpenMetrics text) to this file after each run, or
+    /// after each round of passes in the daemon, atomically: for
+    /// node_exporter's textfile collector.
+    #[arg(long, global = true, value_name = "PATH")]
+    metrics_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -176,7 +181,10 @@ fn real_main(cli: Cli) -> i32 {
         return exit::CONFIG;
     };
     let config = match Config::load(&path) {
-        Ok(c) => c,
+        Ok(mut c) => {
+            c.metrics_file = cli.metrics_file.clone();
+            c
+        }
         Err(e) => {
             eprintln!("imapull: {e}");
             return exit::CONFIG;

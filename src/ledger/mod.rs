@@ -16,7 +16,7 @@ mod migrations;
 mod ops;
 
 pub use mailbox::{Epoch, MailboxLedger, PurgeView};
-pub use ops::{Health, Kept, MailboxRow, Quarantined, Summary, Which};
+pub use ops::{Counters, Health, Kept, MailboxRow, Quarantined, Summary, Which};
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};

@@ -47,6 +47,16 @@ pub struct MailboxRow {
     pub retry_at: Option<i64>,
 }
 
+/// What the ledger counted for a mailbox (see [`Ledger::counters`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub delivered: u64,
+    pub deferred: u64,
+    pub rejected: u64,
+    pub delivered_bytes: u64,
+    pub purged: u64,
+}
+
 /// A quarantined message, as `imapull quarantine` lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Quarantined {
@@ -357,6 +367,32 @@ impl Ledger {
         Ok(out)
     }
 
+    /// The mailbox's counters (`delivered`, `deferred`, `rejected`,
+    /// `delivered_bytes`, `purged`): attempts' outcomes and removals since
+    /// the ledger began; 0 for one never counted.
+    pub fn counters(&self, account: &str, mailbox: &str) -> Result<Counters> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT name, value FROM counter WHERE account = ?1 AND mailbox = ?2",
+        )?;
+        let mut c = Counters::default();
+        let rows = st.query_map(params![account, mailbox], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+        })?;
+        for row in rows {
+            let (name, v) = row?;
+            let v = v.max(0) as u64;
+            match name.as_str() {
+                "delivered" => c.delivered = v,
+                "deferred" => c.deferred = v,
+                "rejected" => c.rejected = v,
+                "delivered_bytes" => c.delivered_bytes = v,
+                "purged" => c.purged = v,
+                _ => {}
+            }
+        }
+        Ok(c)
+    }
+
     pub fn notices(&self, account: &str) -> Result<Vec<Notice>> {
         let mut st = self.conn.prepare_cached(
             "SELECT kind, subject, raised_at, detail, sent_at, held_since, held_reply,
@@ -457,6 +493,34 @@ mod tests {
         // The last error stays on record, with its time; it no longer fails.
         assert_eq!((h.last_ok_at, h.failing_since), (Some(40), None));
         assert_eq!(h.last_error_at, Some(30));
+    }
+
+    #[test]
+    fn every_attempt_and_removal_is_counted_in_the_same_statement() {
+        let dir = tempdir();
+        let mut l = Ledger::open(&dir.path().join("l.sqlite3")).unwrap();
+        l.record(&attempt(1, State::Deferred, &[])).unwrap();
+        l.record(&attempt(1, State::Deferred, &[])).unwrap();
+        l.record(&attempt(1, State::Delivered, &[])).unwrap();
+        l.record(&attempt(2, State::Rejected, &[])).unwrap();
+        // An operator's retry is no attempt; its next outcome is.
+        let q = l.quarantined(None).unwrap();
+        l.retry_quarantined(&Which::Ids(&[q[0].id]), 5).unwrap();
+        l.record(&attempt(2, State::Delivered, &[])).unwrap();
+        l.mark_purged("a", "INBOX", 7, &[1, 2], 9).unwrap();
+        l.mark_purged("a", "INBOX", 7, &[1], 10).unwrap();
+        let c = l.counters("a", "INBOX").unwrap();
+        assert_eq!(
+            c,
+            Counters {
+                delivered: 2,
+                deferred: 2,
+                rejected: 1,
+                delivered_bytes: 200,
+                purged: 2,
+            }
+        );
+        assert_eq!(l.counters("a", "Other").unwrap(), Counters::default());
     }
 
     #[test]

@@ -11,6 +11,7 @@ mod daemon;
 mod faults;
 mod imap_faults;
 mod kill;
+mod metrics;
 mod ops;
 mod pull;
 mod purge;
