@@ -23,6 +23,7 @@ pub mod lock;
 pub mod metrics;
 pub mod net;
 pub mod ops;
+pub mod progress;
 pub mod pull;
 pub mod purge;
 pub mod secret;

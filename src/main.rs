@@ -147,6 +147,17 @@ fn main() {
         }
     };
     init_logging(cli.verbose, cli.quiet);
+    {
+        use std::io::IsTerminal as _;
+        // A bar only for a one-shot run a person watches.
+        if matches!(cli.command, Command::Run { .. })
+            && !cli.quiet
+            && std::io::stderr().is_terminal()
+            && std::env::var_os("JOURNAL_STREAM").is_none()
+        {
+            imapull::progress::enable();
+        }
+    }
     std::process::exit(real_main(cli));
 }
 
@@ -166,12 +177,25 @@ fn init_logging(verbose: u8, quiet: bool) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
-        .with_writer(std::io::stderr)
+        .with_writer(|| LogWriter)
         .with_target(false);
     if under_journal {
         builder.without_time().init();
     } else {
         builder.init();
+    }
+}
+
+/// stderr, with the progress bars out of the way of each line.
+struct LogWriter;
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        imapull::progress::suspend(|| std::io::stderr().write(buf))
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
     }
 }
 

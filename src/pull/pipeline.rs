@@ -91,6 +91,9 @@ struct Shared<'a> {
     already: &'a HashMap<u32, Vec<String>>,
     queue: tokio::sync::Mutex<Queue>,
     tally: std::sync::Mutex<Tally>,
+    /// The progress bar, once the fetch side knows the sizes (a long pass
+    /// of `imapull run` on a terminal only).
+    bar: std::sync::OnceLock<crate::progress::Bar>,
 }
 
 /// What the sessions did, shared between them.
@@ -160,9 +163,10 @@ pub async fn run(
             last: no_barrier(),
         }),
         tally: std::sync::Mutex::new(Tally::default()),
+        bar: std::sync::OnceLock::new(),
     };
     let (fetched, delivered) = tokio::join!(
-        feed_all(ctx.account, imap, groups, feed),
+        feed_all(ctx.account, imap, groups, feed, &shared),
         drain(&shared, sessions)
     );
     let t = delivered?;
@@ -179,7 +183,13 @@ pub async fn run(
 
 /// The fetch side: sizes first (for the batches, the size limit and
 /// COMPRESS), then the bodies, batch by batch.
-async fn feed_all(account: &Account, imap: &mut Imap, groups: &[&[u32]], feed: Feed) -> Result<()> {
+async fn feed_all(
+    account: &Account,
+    imap: &mut Imap,
+    groups: &[&[u32]],
+    feed: Feed,
+    shared: &Shared<'_>,
+) -> Result<()> {
     // Sorted: a few bytes a message, looked up by binary search (a first
     // pull may ask for hundreds of thousands).
     let mut wanted: Vec<u32> = groups.iter().flat_map(|g| g.iter().copied()).collect();
@@ -196,6 +206,9 @@ async fn feed_all(account: &Account, imap: &mut Imap, groups: &[&[u32]], feed: F
     // COMPRESS, if the link is slow and this much pays for it.
     let bytes: u64 = sizes.values().filter(|s| **s <= max).sum();
     imap.compress_for(bytes).await?;
+    if let Some(bar) = crate::progress::start(shared.ledger.mailbox(), wanted.len(), bytes) {
+        let _ = shared.bar.set(bar);
+    }
     // Too large by RFC822.SIZE: recorded as rejected, never fetched. (One
     // without a known size is caught by the literal's announced size.)
     let too_large: HashMap<u32, u64> = sizes
@@ -317,6 +330,9 @@ async fn session_worker(shared: &Shared<'_>, deliverer: &mut Deliverer) -> Resul
             }
         };
         let uid = f.uid.expect("checked by the fetch side");
+        if let Some(bar) = shared.bar.get() {
+            bar.advance(f.body().map_or(0, |b| b.len() as u64));
+        }
         let mut t = tally_of(&shared.tally);
         if t.count(uid, outcome, ctx.account) {
             tracing::warn!(

@@ -154,3 +154,36 @@ fn the_daemon_serves_metrics_and_a_health_check_that_fails_in_trouble() {
     assert_eq!(value(&s, "imapull_failing"), Some(1.0));
     assert_eq!(d.stop().0, Some(0));
 }
+
+/// A long first pass shows a progress bar on a terminal (a
+/// pseudo-terminal from `script`), and nothing of it on a pipe.
+#[test]
+fn a_long_pass_shows_a_progress_bar_on_a_terminal_only() {
+    for tty in [true, false] {
+        let n = crate::fake::fake_message;
+        let server = MailServer::start("UIDPLUS", (1..=250).map(n).collect());
+        let smtp = FakeSmtp::start(|_, _| "250 ok".into());
+        let case = Case::new(&smtp.url(), &["x@example.test"], "initial = \"all\"");
+        case.use_imap_at(server.port, "none");
+        let out = if tty {
+            let cmd = format!(
+                "{} --config {} run",
+                env!("CARGO_BIN_EXE_imapull"),
+                case.config.display()
+            );
+            std::process::Command::new("script")
+                .args(["-qec", &cmd, "/dev/null"])
+                .env("TERM", "xterm")
+                .env_remove("JOURNAL_STREAM")
+                .output()
+                .unwrap()
+        } else {
+            case.run(&["run"])
+        };
+        assert_exit(&out, 0);
+        let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
+        assert_eq!(smtp.messages().len(), 250);
+        assert_eq!(all.contains("/250 messages"), tty, "tty {tty}: {all}");
+        assert_eq!(all.contains("ETA"), tty, "tty {tty}");
+    }
+}
