@@ -86,12 +86,14 @@ const MIGRATIONS: &[&str] = &[
         clear_sent_at INTEGER,
         PRIMARY KEY (account, kind, subject)
      ) STRICT;",
-    // 6: metrics. Counters per mailbox that only grow, kept by triggers in
-    // the same statement as the row they count (no extra commit on the
-    // delivery path): every attempt's outcome, the bytes delivered, the
-    // remote copies purged. Seeded from the rows already there. (A trigger
-    // runs under the conflict policy of the statement that fires it, so
-    // a missing counter row is made with NOT EXISTS, not OR IGNORE.)
+    // 6: metrics. The attempts that were deferred or rejected, per
+    // mailbox, counted by triggers in the same statement as the row they
+    // count (no extra commit on the delivery path). Deliveries and purges
+    // need no counter: their rows stay, so counting them is a query. Only
+    // those two outcomes fire a trigger, so a delivery costs nothing more.
+    // (A trigger runs under the conflict policy of the statement that
+    // fires it, so a missing counter row is made with NOT EXISTS, not OR
+    // IGNORE.)
     "CREATE TABLE counter (
         account TEXT NOT NULL,
         mailbox TEXT NOT NULL,
@@ -100,52 +102,25 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (account, mailbox, name)
      ) STRICT;
      INSERT INTO counter (account, mailbox, name, value)
-        SELECT account, mailbox, state, count(*) FROM message
-         WHERE state IN ('delivered', 'rejected') GROUP BY account, mailbox, state;
-     INSERT INTO counter (account, mailbox, name, value)
-        SELECT account, mailbox, 'delivered_bytes', coalesce(sum(size), 0) FROM message
-         WHERE state = 'delivered' GROUP BY account, mailbox;
-     INSERT INTO counter (account, mailbox, name, value)
-        SELECT account, mailbox, 'purged', count(*) FROM message
-         WHERE purged_at IS NOT NULL GROUP BY account, mailbox;
+        SELECT account, mailbox, 'rejected', count(*) FROM message
+         WHERE state = 'rejected' GROUP BY account, mailbox;
      CREATE TRIGGER count_first_attempt AFTER INSERT ON message
-        WHEN NEW.state IN ('delivered', 'deferred', 'rejected')
+        WHEN NEW.state IN ('deferred', 'rejected')
      BEGIN
         INSERT INTO counter SELECT NEW.account, NEW.mailbox, NEW.state, 0
          WHERE NOT EXISTS (SELECT 1 FROM counter
            WHERE account = NEW.account AND mailbox = NEW.mailbox AND name = NEW.state);
         UPDATE counter SET value = value + 1
          WHERE account = NEW.account AND mailbox = NEW.mailbox AND name = NEW.state;
-        INSERT INTO counter SELECT NEW.account, NEW.mailbox, 'delivered_bytes', 0
-         WHERE NOT EXISTS (SELECT 1 FROM counter
-           WHERE account = NEW.account AND mailbox = NEW.mailbox AND name = 'delivered_bytes');
-        UPDATE counter SET value = value + coalesce(NEW.size, 0)
-         WHERE NEW.state = 'delivered'
-           AND account = NEW.account AND mailbox = NEW.mailbox AND name = 'delivered_bytes';
      END;
      CREATE TRIGGER count_next_attempt AFTER UPDATE OF attempts ON message
-        WHEN NEW.attempts > OLD.attempts
+        WHEN NEW.attempts > OLD.attempts AND NEW.state IN ('deferred', 'rejected')
      BEGIN
         INSERT INTO counter SELECT NEW.account, NEW.mailbox, NEW.state, 0
          WHERE NOT EXISTS (SELECT 1 FROM counter
            WHERE account = NEW.account AND mailbox = NEW.mailbox AND name = NEW.state);
         UPDATE counter SET value = value + 1
          WHERE account = NEW.account AND mailbox = NEW.mailbox AND name = NEW.state;
-        INSERT INTO counter SELECT NEW.account, NEW.mailbox, 'delivered_bytes', 0
-         WHERE NOT EXISTS (SELECT 1 FROM counter
-           WHERE account = NEW.account AND mailbox = NEW.mailbox AND name = 'delivered_bytes');
-        UPDATE counter SET value = value + coalesce(NEW.size, 0)
-         WHERE NEW.state = 'delivered'
-           AND account = NEW.account AND mailbox = NEW.mailbox AND name = 'delivered_bytes';
-     END;
-     CREATE TRIGGER count_purged AFTER UPDATE OF purged_at ON message
-        WHEN OLD.purged_at IS NULL AND NEW.purged_at IS NOT NULL
-     BEGIN
-        INSERT INTO counter SELECT NEW.account, NEW.mailbox, 'purged', 0
-         WHERE NOT EXISTS (SELECT 1 FROM counter
-           WHERE account = NEW.account AND mailbox = NEW.mailbox AND name = 'purged');
-        UPDATE counter SET value = value + 1
-         WHERE account = NEW.account AND mailbox = NEW.mailbox AND name = 'purged';
      END;",
 ];
 

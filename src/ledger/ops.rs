@@ -367,26 +367,35 @@ impl Ledger {
         Ok(out)
     }
 
-    /// The mailbox's counters (`delivered`, `deferred`, `rejected`,
-    /// `delivered_bytes`, `purged`): attempts' outcomes and removals since
-    /// the ledger began; 0 for one never counted.
+    /// The mailbox's counters: deliveries, their bytes and purges counted
+    /// from the rows (which stay), deferred and rejected attempts from the
+    /// counters the triggers keep; 0 for one never counted.
     pub fn counters(&self, account: &str, mailbox: &str) -> Result<Counters> {
+        let (delivered, delivered_bytes, purged): (i64, i64, i64) = self.conn.query_row(
+            "SELECT count(*) FILTER (WHERE state = 'delivered'),
+                    coalesce(sum(size) FILTER (WHERE state = 'delivered'), 0),
+                    count(purged_at)
+             FROM message WHERE account = ?1 AND mailbox = ?2",
+            params![account, mailbox],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )?;
+        let mut c = Counters {
+            delivered: delivered.max(0) as u64,
+            delivered_bytes: delivered_bytes.max(0) as u64,
+            purged: purged.max(0) as u64,
+            ..Counters::default()
+        };
         let mut st = self.conn.prepare_cached(
             "SELECT name, value FROM counter WHERE account = ?1 AND mailbox = ?2",
         )?;
-        let mut c = Counters::default();
         let rows = st.query_map(params![account, mailbox], |r| {
             Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
         })?;
         for row in rows {
             let (name, v) = row?;
-            let v = v.max(0) as u64;
             match name.as_str() {
-                "delivered" => c.delivered = v,
-                "deferred" => c.deferred = v,
-                "rejected" => c.rejected = v,
-                "delivered_bytes" => c.delivered_bytes = v,
-                "purged" => c.purged = v,
+                "deferred" => c.deferred = v.max(0) as u64,
+                "rejected" => c.rejected = v.max(0) as u64,
                 _ => {}
             }
         }
