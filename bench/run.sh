@@ -12,6 +12,7 @@
 #   bench/run.sh memory               peak RSS: a 50 MB message among small
 #                                     ones; 1,000 vs 50,000 small messages
 #   bench/run.sh accounts             20 accounts at once, and nothing new
+#                                     (with IMAPULL_BASE: A/B of nothing new)
 #   bench/run.sh compress [N] [MIX]   bytes on the wire with and without DEFLATE
 #   bench/run.sh stop [N]             a daemon on N (1000) idling accounts:
 #                                     its RSS, Dovecot's processes, SIGTERM time
@@ -254,6 +255,32 @@ accounts() {
         /usr/bin/time -f "%e s" "$imapull" --config "$work/accounts-$par.toml" -q run 2>&1 | tail -1
         echo "  delivered: $(( $(sink_count) - base ))"
         [[ -n ${BENCH_DEBUG:-} ]] && "$imapull" --config "$work/accounts-$par.toml" -v run 2>&1 | tail -45
+        # Before and after a change (IMAPULL_BASE): nothing-new runs,
+        # interleaved, medians of wall and CPU seconds.
+        if [[ -n ${IMAPULL_BASE:-} ]]; then
+            local r tool label
+            # The other build has a ledger of its own (its schema may be
+            # older), brought to the same state by a first run.
+            sed "s|accounts-$par.sqlite3|accounts-$par-base.sqlite3|" \
+                "$work/accounts-$par.toml" > "$work/accounts-$par-base.toml"
+            chmod 600 "$work/accounts-$par-base.toml"
+            "$IMAPULL_BASE" --config "$work/accounts-$par-base.toml" -q run
+            : > "$work/ab-imapull"; : > "$work/ab-base"
+            for r in $(seq 1 11); do
+                for tool in imapull base; do
+                    local bin=$imapull conf=$work/accounts-$par.toml
+                    [[ $tool == base ]] && bin=$IMAPULL_BASE conf=$work/accounts-$par-base.toml
+                    /usr/bin/time -f "%e %U %S" -a -o "$work/ab-$tool" "$bin" --config "$conf" -q run
+                done
+            done
+            for label in imapull base; do
+                local wall cpu
+                wall=$(awk '{print $1}' "$work/ab-$label" | sort -n | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}')
+                cpu=$(awk '{print $2+$3}' "$work/ab-$label" | sort -n | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}')
+                printf '  %-8s parallel_accounts = %s, nothing new: %s s wall, %s s CPU (medians of 11, interleaved)\n' \
+                    "$label" "$par" "$wall" "$cpu"
+            done
+        fi
     done
 }
 
