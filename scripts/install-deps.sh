@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building imapull and running its tests and demo need on
-# Debian 12 (as root): the build libraries, Dovecot (IMAP + LMTP) and
-# Postfix. Postfix is installed with "No configuration" and none of the
+# Debian 12 (as root): the build libraries, Dovecot (IMAP + LMTP),
+# Postfix, and PullIMAP (for the import test). Postfix is installed with "No configuration" and none of the
 # system services is started: the tests and the demo run private instances.
 set -euo pipefail
 
@@ -18,6 +18,8 @@ command -v openssl >/dev/null || need+=(openssl)
 command -v sshd >/dev/null || need+=(openssh-server)
 command -v ssh >/dev/null || need+=(openssh-client)
 command -v cc >/dev/null || need+=(gcc libc6-dev)
+# The import test runs the Debian PullIMAP to write a real statefile.
+command -v pullimap >/dev/null || need+=(pullimap)
 
 if ((${#need[@]})); then
     if [[ $(id -u) -ne 0 ]]; then

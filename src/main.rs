@@ -35,6 +35,30 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum Import {
+    /// PullIMAP's SECTION (its INI config and statefile) as an account of
+    /// this configuration (--config; created if missing), with its ledger
+    /// state: the first run delivers what PullIMAP would have next.
+    Pullimap {
+        /// The section of PullIMAP's config.
+        section: String,
+        /// PullIMAP's config file (default: PullIMAP's own,
+        /// $XDG_CONFIG_HOME/pullimap/config).
+        #[arg(long, value_name = "FILE")]
+        from: Option<PathBuf>,
+        /// PullIMAP's statefile (default: what its config says).
+        #[arg(long, value_name = "FILE")]
+        statefile: Option<PathBuf>,
+        /// The account's name here (default: the section's).
+        #[arg(long)]
+        account: Option<String>,
+        /// Where to deliver, when PullIMAP's config has no deliver-rcpt.
+        #[arg(long)]
+        recipient: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
 enum Quarantine {
     /// The quarantined messages, oldest first, with the IDs the other
     /// actions take.
@@ -108,6 +132,11 @@ enum Command {
         account: String,
         /// Only this mailbox; all of the account's when not given.
         mailbox: Option<String>,
+    },
+    /// Bring an account over from another tool.
+    Import {
+        #[command(subcommand)]
+        from: Import,
     },
     /// The messages the local server rejected (5xx), kept on the remote
     /// server until you decide.
@@ -204,6 +233,31 @@ fn real_main(cli: Cli) -> i32 {
         eprintln!("imapull: no configuration file: use --config FILE or set IMAPULL_CONFIG");
         return exit::CONFIG;
     };
+    // The one command that may create the configuration.
+    if let Command::Import {
+        from:
+            Import::Pullimap {
+                section,
+                from,
+                statefile,
+                account,
+                recipient,
+            },
+    } = &cli.command
+    {
+        use imapull::ops::import;
+        let from = from.clone().unwrap_or_else(import::default_pullimap_config);
+        let r = import::Request {
+            config: &path,
+            from: &from,
+            statefile: statefile.as_deref(),
+            section,
+            account: account.as_deref(),
+            recipient: recipient.as_deref(),
+        };
+        let mut out = std::io::stdout().lock();
+        return finish(import::import(&mut out, &r, imapull::system_now()).map(|()| exit::OK));
+    }
     let config = match Config::load(&path) {
         Ok(mut c) => {
             c.metrics_file = cli.metrics_file.clone();
@@ -251,6 +305,7 @@ fn real_main(cli: Cli) -> i32 {
             state,
         } => finish(status(&config, &accounts, json, messages, state.as_deref())),
         Command::Quarantine { action } => finish(quarantine(&config, action)),
+        Command::Import { .. } => unreachable!("handled before the configuration is loaded"),
         Command::Verify { accounts, json } => finish(rt.block_on(verify(&config, &accounts, json))),
         Command::Baseline { account, mailbox } => finish(rt.block_on(async {
             imapull::check_accounts(&config, std::slice::from_ref(&account))?;

@@ -190,6 +190,35 @@ impl Ledger {
             .optional()?)
     }
 
+    /// A mailbox's state from another tool (PullIMAP): the watermark, the
+    /// mail below it handled by that tool, and `delivered` UIDs at or above
+    /// it that it delivered without flagging them (a run cut short), as
+    /// delivered rows not flagged, so that the first pass stores their
+    /// `\Seen` and delivers them no more. One transaction.
+    pub fn import_state(
+        &mut self,
+        account: &str,
+        mailbox: &str,
+        state: super::MailboxState,
+        delivered: &[u32],
+        now: i64,
+    ) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        super::set_mailbox_state(&tx, account, mailbox, state, Some(state.watermark), now)?;
+        {
+            let mut st = tx.prepare(
+                "INSERT OR IGNORE INTO message (account, mailbox, uidvalidity, uid, state,
+                   attempts, last_reply, first_seen_at, updated_at, delivered_at, flagged)
+                 VALUES (?1, ?2, ?3, ?4, 'delivered', 0, 'delivered by PullIMAP', ?5, ?5, ?5, 0)",
+            )?;
+            for uid in delivered {
+                st.execute(params![account, mailbox, state.uidvalidity, uid, now])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Records that mail below `uid` was skipped on purpose.
     pub fn set_skipped_below(&self, account: &str, mailbox: &str, uid: u32) -> Result<()> {
         self.conn.execute(

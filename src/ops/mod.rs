@@ -4,6 +4,7 @@
 
 pub mod baseline;
 pub mod check;
+pub mod import;
 pub mod quarantine;
 pub mod status;
 pub mod verify;

@@ -345,3 +345,119 @@ fn baseline_skips_the_mail_there_and_pulls_what_comes_later() {
     // A mailbox the account does not pull is refused.
     assert_exit(&case.run(&["baseline", &case.user, "Nope"]), 64);
 }
+
+/// A statefile written by the Debian `pullimap` itself, imported: imapull
+/// delivers nothing PullIMAP delivered, and everything it had not.
+#[test]
+fn import_pullimap_takes_over_where_pullimap_stopped() {
+    let smtp = FakeSmtp::start(|_, _| "250 ok".into());
+    let user = new_user();
+    let dir = env().dir.join("cases").join(format!("{user}-import"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let state = dir.join("pullimap.state");
+    let pconf = dir.join("pullimap.conf");
+    std::fs::write(
+        &pconf,
+        format!(
+            "[work]\ntype = imaps\nhost = localhost\nport = {}\nSSL_CAfile = {}\n\
+             username = {user}\npassword = secret\nstatefile = {}\n\
+             deliver-method = smtp:[127.0.0.1]:{}\ndeliver-rcpt = x@example.test\n\
+             compress = NO\nSSL_protocol_min = TLSv1.2\n",
+            env().imaps_port,
+            env().ca_file.display(),
+            state.display(),
+            smtp.port
+        ),
+    )
+    .unwrap();
+    for n in 1..=3 {
+        drop_message(
+            &user,
+            n,
+            &message(n, "bob@remote.test", &format!("m{n}")),
+            false,
+        );
+    }
+    let out = std::process::Command::new("pullimap")
+        .arg(format!("--config={}", pconf.display()))
+        .arg("work")
+        .output()
+        .expect("pullimap (scripts/install-deps.sh installs it)");
+    assert!(
+        out.status.success(),
+        "pullimap: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(smtp.messages().len(), 3);
+    // Two more arrive; PullIMAP delivered the first of them in a run that
+    // was cut short (its UID follows the two integers in the statefile).
+    for n in 4..=5 {
+        drop_message(
+            &user,
+            n,
+            &message(n, "bob@remote.test", &format!("m{n}")),
+            false,
+        );
+    }
+    let mut bytes = std::fs::read(&state).unwrap();
+    assert_eq!(bytes.len(), 8, "a clean PullIMAP run leaves two integers");
+    assert_eq!(u32::from_be_bytes(bytes[4..8].try_into().unwrap()), 4);
+    bytes.extend(4u32.to_be_bytes());
+    std::fs::write(&state, bytes).unwrap();
+    let config = dir.join("imapull.toml");
+    std::fs::write(
+        &config,
+        format!("ledger = {:?}\n", dir.join("ledger.sqlite3")),
+    )
+    .unwrap();
+    let out = imapull(
+        &config,
+        &[
+            "import",
+            "pullimap",
+            "--from",
+            pconf.to_str().unwrap(),
+            "work",
+        ],
+    );
+    assert_exit(&out, 0);
+    let text = stdout(&out);
+    assert!(text.contains("watermark 4"), "{text}");
+    assert!(
+        text.contains("1 delivered by a run that was cut short"),
+        "{text}"
+    );
+    assert!(
+        text.contains("SSL_protocol_min = TLSv1.2: not mapped"),
+        "{text}"
+    );
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(&config).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the config holds a password");
+    // Importing twice is refused, and changes nothing.
+    let before = std::fs::read(&config).unwrap();
+    let from = pconf.to_str().unwrap();
+    let again = imapull(&config, &["import", "pullimap", "--from", from, "work"]);
+    assert_exit(&again, 78);
+    assert!(
+        stderr(&again).contains("nothing was written"),
+        "{}",
+        stderr(&again)
+    );
+    assert_eq!(std::fs::read(&config).unwrap(), before);
+    let out = imapull(&config, &["run"]);
+    assert_exit(&out, 0);
+    let got = smtp.messages();
+    assert_eq!(
+        got.len(),
+        4,
+        "only message 5 is new to imapull: {}",
+        stderr(&out)
+    );
+    assert!(String::from_utf8_lossy(&got[3].data).contains("m5"));
+    // Message 4's \Seen, which PullIMAP owed, is stored.
+    let f = flags(&user, "INBOX");
+    assert!(f.values().all(|v| v.contains("Seen")), "{f:?}");
+    assert_exit(&imapull(&config, &["verify"]), 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
