@@ -260,6 +260,17 @@ pub async fn run_daemon(
         tracing::info!("metrics on http://{addr}/metrics, health on /healthz");
     }
     let metrics_file = config.metrics_file.clone();
+    // A connection of its own: rendering must not hold the passes' ledger
+    // (each delivery's record waits for it).
+    let metrics_ledger = match &metrics_file {
+        Some(_) => {
+            let path = config.ledger.clone();
+            Some(LedgerHandle::new(
+                tokio::task::spawn_blocking(move || Ledger::open(&path)).await??,
+            ))
+        }
+        None => None,
+    };
     let mut written_at_round = usize::MAX;
     let _ = sd_notify::notify(&[NotifyState::Ready]);
     tracing::info!(tasks = tasks.len(), "daemon started");
@@ -303,10 +314,12 @@ pub async fn run_daemon(
                 // panicked task means the supervisor lost one.
                 let healthy = tasks.values().all(|t| !t.handle.is_finished());
                 let rounds = status.rounds.load(Ordering::Relaxed);
-                if let Some(path) = metrics_file.as_ref().filter(|_| rounds != written_at_round) {
-                    written_at_round = rounds;
-                    let c = current.read().map(|c| c.clone()).unwrap_or_else(|p| p.into_inner().clone());
-                    crate::metrics::write(path, &c, &ledger, now(), Some(status.live())).await;
+                if let (Some(path), Some(ml)) = (metrics_file.as_ref(), metrics_ledger.as_ref()) {
+                    if rounds != written_at_round {
+                        written_at_round = rounds;
+                        let c = current.read().map(|c| c.clone()).unwrap_or_else(|p| p.into_inner().clone());
+                        crate::metrics::write(path, &c, ml, now(), Some(status.live())).await;
+                    }
                 }
                 let line = status.line(tasks.len());
                 let _ = sd_notify::notify(&[NotifyState::Status(&line)]);

@@ -368,7 +368,8 @@ pub(crate) async fn work_mailbox(
         )
         .await;
         work.error = Some(e);
-    } else {
+    } else if mode == Mode::Pull {
+        // A purge alone is no pass: it says nothing of new mail.
         health::ok(&ctx.ledger, ctx.account, mb, (ctx.now)()).await;
     }
     work

@@ -16,10 +16,16 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(case: &Case) -> Daemon {
+        Daemon::start_with(case, &[])
+    }
+
+    /// With more options before `daemon`.
+    pub fn start_with(case: &Case, options: &[&str]) -> Daemon {
         let log = case.dir.join(format!("daemon-{}.log", unique()));
         let child = Command::new(env!("CARGO_BIN_EXE_imapull"))
             .arg("--config")
             .arg(&case.config)
+            .args(options)
             .args(["-v", "daemon"])
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())

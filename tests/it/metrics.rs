@@ -116,8 +116,17 @@ fn the_daemon_serves_metrics_and_a_health_check_that_fails_in_trouble() {
         format!("metrics_listen = \"127.0.0.1:{port}\"\n{text}"),
     )
     .unwrap();
-    let d = Daemon::start(&case);
+    let file = case.dir.join("daemon.prom");
+    let d = Daemon::start_with(&case, &["--metrics-file", file.to_str().unwrap()]);
     d.wait_log("delivered mailbox", 1);
+    // The daemon writes the file at its first tick, and after passes.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !file.exists() {
+        assert!(Instant::now() < deadline, "no metrics file");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let s = parse(&std::fs::read_to_string(&file).unwrap());
+    assert!(value(&s, "imapull_connected_mailboxes").is_some());
     let deadline = Instant::now() + Duration::from_secs(20);
     let s = loop {
         let (code, body) = get(port, "/metrics");
