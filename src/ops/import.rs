@@ -125,6 +125,54 @@ fn yes(v: &str) -> bool {
     matches!(v.to_ascii_uppercase().as_str(), "YES" | "TRUE" | "1" | "ON")
 }
 
+/// The options PullIMAP has, and the account being written.
+struct Out<'a> {
+    options: &'a [(String, String)],
+    lines: Vec<String>,
+    report: Vec<String>,
+}
+
+impl Out<'_> {
+    fn get(&self, k: &str) -> Option<&str> {
+        self.options
+            .iter()
+            .find(|(ok, _)| ok == k)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// `key = value` in the account, said to come `from` PullIMAP's option.
+    fn put(&mut self, key: &str, value: String, from: &str) {
+        self.lines.push(format!("{key} = {value}"));
+        self.report.push(format!("{from} -> {key} = {value}"));
+    }
+
+    fn say(&mut self, line: impl Into<String>) {
+        self.report.push(line.into());
+    }
+}
+
+/// The options PullIMAP has that [`translate`] maps.
+const MAPPED: &[&str] = &[
+    "type",
+    "command",
+    "null-stderr",
+    "host",
+    "port",
+    "STARTTLS",
+    "proxy",
+    "SSL_CAfile",
+    "SSL_fingerprint",
+    "username",
+    "password",
+    "mailbox",
+    "deliver-method",
+    "deliver-ehlo",
+    "deliver-rcpt",
+    "purge-after",
+    "compress",
+    "statefile",
+];
+
 /// Translates `options` (of one section) into an account called `name`.
 /// Pure. `recipient` stands in for `deliver-rcpt` when PullIMAP had none.
 pub fn translate(
@@ -132,225 +180,152 @@ pub fn translate(
     options: &[(String, String)],
     recipient: Option<&str>,
 ) -> Result<Translated> {
-    let get = |k: &str| {
-        options
-            .iter()
-            .find(|(ok, _)| ok == k)
-            .map(|(_, v)| v.as_str())
+    let mut o = Out {
+        options,
+        lines: vec![format!("[accounts.{name}]")],
+        report: Vec::new(),
     };
-    let mut lines = vec![format!("[accounts.{name}]")];
-    let mut report = Vec::new();
-    fn put(
-        lines: &mut Vec<String>,
-        report: &mut Vec<String>,
-        key: &str,
-        value: String,
-        from: &str,
-    ) {
-        lines.push(format!("{key} = {value}"));
-        report.push(format!("{from} -> {key} = {value}"));
+    reach(&mut o)?;
+    if let Some(u) = o.get("username").map(quote) {
+        o.put("username", u, "username");
     }
-    let kind = get("type").unwrap_or("imaps").to_ascii_lowercase();
-    match kind.as_str() {
-        "tunnel" => {
-            let cmd = get("command").context("type = tunnel without a command")?;
-            // Perl's exec (PullIMAP is Perl) hands a command with any of
-            // these to the shell, and splits the rest into words.
-            let argv: Vec<String> = if cmd.contains(|c: char| "$&*(){}[]'\";\\|?<>~`\n".contains(c))
-            {
-                vec!["/bin/sh".into(), "-c".into(), cmd.to_string()]
-            } else {
-                cmd.split_whitespace().map(str::to_string).collect()
-            };
-            let list = argv.iter().map(|a| quote(a)).collect::<Vec<_>>().join(", ");
-            put(
-                &mut lines,
-                &mut report,
-                "transport",
-                quote("tunnel"),
-                "type = tunnel",
-            );
-            put(
-                &mut lines,
-                &mut report,
-                "command",
-                format!("[{list}]"),
-                "command",
-            );
-            if get("null-stderr").is_some_and(yes) {
-                put(
-                    &mut lines,
-                    &mut report,
-                    "tunnel_stderr",
-                    quote("null"),
-                    "null-stderr",
-                );
-            }
+    if let Some(p) = o.get("password").map(quote) {
+        o.lines.push(format!("password = {p}"));
+        o.say("password -> password (the file is written 0600)");
+    }
+    let mailbox = o.get("mailbox").unwrap_or("INBOX").to_string();
+    let mailbox = crate::imap::utf7::decode(&mailbox).unwrap_or(mailbox);
+    o.put("mailboxes", format!("[{}]", quote(&mailbox)), "mailbox");
+    delivery(&mut o, recipient)?;
+    // PullIMAP pulls everything at or above its UIDNEXT, read or not, and
+    // the imported watermark says where that is.
+    o.lines.push("initial = \"all\"".into());
+    unmapped(&mut o);
+    Ok(Translated {
+        toml: o.lines.join("\n") + "\n",
+        mailbox,
+        statefile: o.get("statefile").map(str::to_string),
+        report: o.report,
+    })
+}
+
+/// `type` and what goes with it: a tunnel's command, or host, port, TLS,
+/// proxy and the certificate's checks.
+fn reach(o: &mut Out<'_>) -> Result<()> {
+    let kind = o.get("type").unwrap_or("imaps").to_ascii_lowercase();
+    if kind == "tunnel" {
+        let cmd = o
+            .get("command")
+            .context("type = tunnel without a command")?;
+        // Perl's exec (PullIMAP is Perl) hands a command with any of
+        // these to the shell, and splits the rest into words.
+        let argv: Vec<String> = if cmd.contains(|c: char| "$&*(){}[]'\";\\|?<>~`\n".contains(c)) {
+            vec!["/bin/sh".into(), "-c".into(), cmd.to_string()]
+        } else {
+            cmd.split_whitespace().map(str::to_string).collect()
+        };
+        let list = argv.iter().map(|a| quote(a)).collect::<Vec<_>>().join(", ");
+        o.put("transport", quote("tunnel"), "type = tunnel");
+        o.put("command", format!("[{list}]"), "command");
+        if o.get("null-stderr").is_some_and(yes) {
+            o.put("tunnel_stderr", quote("null"), "null-stderr");
         }
-        "imap" | "imaps" => {
-            let host = get("host").unwrap_or("localhost");
-            let host = host.trim_start_matches('[').trim_end_matches(']');
-            put(&mut lines, &mut report, "host", quote(host), "host");
-            if let Some(p) = get("port") {
-                put(
-                    &mut lines,
-                    &mut report,
-                    "port",
-                    p.parse::<u16>().context("port")?.to_string(),
-                    "port",
-                );
-            } else if kind == "imap" {
-                put(&mut lines, &mut report, "port", "143".into(), "type = imap");
-            }
-            let tls = match (kind.as_str(), get("STARTTLS").is_none_or(yes)) {
-                ("imaps", _) => "implicit",
-                (_, true) => "starttls",
-                (_, false) => "none",
-            };
-            put(&mut lines, &mut report, "tls", quote(tls), "type, STARTTLS");
-            if tls == "none" {
-                put(
-                    &mut lines,
-                    &mut report,
-                    "allow_plaintext",
-                    "true".into(),
-                    "STARTTLS = NO",
-                );
-            }
-            if let Some(p) = get("proxy") {
-                // PullIMAP's default port for a proxy is 1080.
-                let p = match p.rsplit_once(':') {
-                    Some((_, port)) if port.parse::<u16>().is_ok() => p.to_string(),
-                    _ => format!("{p}:1080"),
-                };
-                put(&mut lines, &mut report, "proxy", quote(&p), "proxy");
-            }
-            if let Some(f) = get("SSL_CAfile") {
-                put(&mut lines, &mut report, "ca_file", quote(f), "SSL_CAfile");
-            }
-            if let Some(fp) = get("SSL_fingerprint") {
-                let mut pins = fp.split_whitespace();
-                let first = pins.next().unwrap_or_default();
+        return Ok(());
+    }
+    if kind != "imap" && kind != "imaps" {
+        bail!("type = {kind}: PullIMAP knows imap, imaps and tunnel");
+    }
+    let host = o.get("host").unwrap_or("localhost");
+    let host = quote(host.trim_start_matches('[').trim_end_matches(']'));
+    o.put("host", host, "host");
+    if let Some(p) = o.get("port") {
+        let p = p.parse::<u16>().context("port")?.to_string();
+        o.put("port", p, "port");
+    } else if kind == "imap" {
+        o.put("port", "143".into(), "type = imap");
+    }
+    let tls = match (kind.as_str(), o.get("STARTTLS").is_none_or(yes)) {
+        ("imaps", _) => "implicit",
+        (_, true) => "starttls",
+        (_, false) => "none",
+    };
+    o.put("tls", quote(tls), "type, STARTTLS");
+    if tls == "none" {
+        o.put("allow_plaintext", "true".into(), "STARTTLS = NO");
+    }
+    if let Some(p) = o.get("proxy") {
+        // PullIMAP's default port for a proxy is 1080.
+        let p = match p.rsplit_once(':') {
+            Some((_, port)) if port.parse::<u16>().is_ok() => p.to_string(),
+            _ => format!("{p}:1080"),
+        };
+        o.put("proxy", quote(&p), "proxy");
+    }
+    if let Some(f) = o.get("SSL_CAfile").map(quote) {
+        o.put("ca_file", f, "SSL_CAfile");
+    }
+    if let Some(fp) = o.get("SSL_fingerprint").map(str::to_string) {
+        let mut pins = fp.split_whitespace();
+        let first = pins.next().unwrap_or_default();
+        match first.split_once('$') {
+            Some((algo, _)) if algo != "sha256" => o.say(format!(
+                "SSL_fingerprint {first}: only SHA-256 pins are kept; not mapped"
+            )),
+            _ => {
                 let hex = first.strip_prefix("sha256$").unwrap_or(first);
-                if first.contains('$') && !first.starts_with("sha256$") {
-                    report.push(format!(
-                        "SSL_fingerprint {first}: only SHA-256 pins are kept; not mapped"
-                    ));
-                } else {
-                    put(
-                        &mut lines,
-                        &mut report,
-                        "tls_pin_sha256",
-                        quote(hex),
-                        "SSL_fingerprint",
-                    );
-                }
-                if pins.next().is_some() {
-                    report
-                        .push("SSL_fingerprint: more than one; imapull pins the first only".into());
-                }
+                o.put("tls_pin_sha256", quote(hex), "SSL_fingerprint");
             }
         }
-        other => bail!("type = {other}: PullIMAP knows imap, imaps and tunnel"),
+        if pins.next().is_some() {
+            o.say("SSL_fingerprint: more than one; imapull pins the first only");
+        }
     }
-    if let Some(u) = get("username") {
-        put(&mut lines, &mut report, "username", quote(u), "username");
-    }
-    if let Some(p) = get("password") {
-        lines.push(format!("password = {}", quote(p)));
-        report.push("password -> password (the file is written 0600)".into());
-    }
-    let mailbox = get("mailbox").unwrap_or("INBOX");
-    let mailbox = crate::imap::utf7::decode(mailbox).unwrap_or_else(|| mailbox.to_string());
-    put(
-        &mut lines,
-        &mut report,
-        "mailboxes",
-        format!("[{}]", quote(&mailbox)),
-        "mailbox",
-    );
-    let deliver = get("deliver-method").unwrap_or("smtp:[127.0.0.1]:25");
+    Ok(())
+}
+
+/// Where mail goes, and what retention and compression PullIMAP had.
+fn delivery(o: &mut Out<'_>, recipient: Option<&str>) -> Result<()> {
+    let deliver = o.get("deliver-method").unwrap_or("smtp:[127.0.0.1]:25");
     let url = deliver_url(deliver)
         .with_context(|| format!("deliver-method = {deliver}: not PROTOCOL:[ADDRESS]:PORT"))?;
-    put(
-        &mut lines,
-        &mut report,
-        "deliver",
-        quote(&url),
-        "deliver-method",
-    );
-    put(
-        &mut lines,
-        &mut report,
-        "ehlo",
-        quote(get("deliver-ehlo").unwrap_or("localhost.localdomain")),
-        "deliver-ehlo",
-    );
-    match get("deliver-rcpt").or(recipient) {
-        Some(r) => put(&mut lines, &mut report, "recipients", format!("[{}]", quote(r)), "deliver-rcpt"),
-        None => bail!(
-            "no deliver-rcpt: PullIMAP delivered to the local user name; give the address with --recipient"
-        ),
-    }
-    match get("purge-after") {
+    o.put("deliver", quote(&url), "deliver-method");
+    let ehlo = quote(o.get("deliver-ehlo").unwrap_or("localhost.localdomain"));
+    o.put("ehlo", ehlo, "deliver-ehlo");
+    let Some(rcpt) = o.get("deliver-rcpt").or(recipient).map(quote) else {
+        bail!(
+            "no deliver-rcpt: PullIMAP delivered to the local user name; give the address \
+             with --recipient"
+        );
+    };
+    o.put("recipients", format!("[{rcpt}]"), "deliver-rcpt");
+    match o.get("purge-after").map(str::to_string) {
         Some(d) => {
             let days: u32 = d
                 .parse()
                 .with_context(|| format!("purge-after = {d}: not a number of days"))?;
-            put(
-                &mut lines,
-                &mut report,
-                "purge_after",
-                quote(&format!("{days}d")),
-                "purge-after",
-            );
+            o.put("purge_after", quote(&format!("{days}d")), "purge-after");
         }
-        None => {
-            report.push("(no purge-after) -> mail stays on the server, as with PullIMAP".into())
-        }
+        None => o.say("(no purge-after) -> mail stays on the server, as with PullIMAP"),
     }
-    if get("compress").is_some_and(|v| !yes(v)) {
-        put(
-            &mut lines,
-            &mut report,
-            "compress",
-            "false".into(),
-            "compress = NO",
-        );
+    if o.get("compress").is_some_and(|v| !yes(v)) {
+        o.put("compress", "false".into(), "compress = NO");
     } else {
-        report.push("compress -> left to imapull (\"auto\": on a slow link only)".into());
+        o.say("compress -> left to imapull (\"auto\": on a slow link only)");
     }
-    // PullIMAP pulls everything at or above its UIDNEXT, read or not, and
-    // the imported watermark says where that is.
-    lines.push("initial = \"all\"".into());
-    let known = [
-        "type",
-        "command",
-        "null-stderr",
-        "host",
-        "port",
-        "STARTTLS",
-        "proxy",
-        "SSL_CAfile",
-        "SSL_fingerprint",
-        "username",
-        "password",
-        "mailbox",
-        "deliver-method",
-        "deliver-ehlo",
-        "deliver-rcpt",
-        "purge-after",
-        "compress",
-        "statefile",
-    ];
-    for (k, v) in options {
-        if known.contains(&k.as_str()) {
+    Ok(())
+}
+
+/// Names each option that has no meaning here, with why.
+fn unmapped(o: &mut Out<'_>) {
+    for (k, v) in o.options {
+        if MAPPED.contains(&k.as_str()) {
             continue;
         }
         let why = match k.as_str() {
             "auth" => "imapull picks AUTHENTICATE PLAIN or LOGIN from the capabilities itself",
             "SSL_verify" if !yes(v) => {
-                "imapull always verifies the certificate: use ca_file, or tls_pin_sha256 for a self-signed one"
+                "imapull always verifies the certificate: use ca_file, or tls_pin_sha256 for a \
+                 self-signed one"
             }
             "SSL_verify" => "imapull always verifies the certificate",
             "SSL_CApath" => "give the CA as one file in ca_file",
@@ -360,14 +335,8 @@ pub fn translate(
             "logfile" => "imapull logs to stderr (the journal under systemd)",
             _ => "unknown to imapull",
         };
-        report.push(format!("{k} = {v}: not mapped: {why}"));
+        o.report.push(format!("{k} = {v}: not mapped: {why}"));
     }
-    Ok(Translated {
-        toml: lines.join("\n") + "\n",
-        mailbox,
-        statefile: get("statefile").map(str::to_string),
-        report,
-    })
 }
 
 /// Where PullIMAP keeps `section`'s statefile: the `statefile` option or
