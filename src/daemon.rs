@@ -245,33 +245,7 @@ pub async fn run_daemon(
     for spec in plan_tasks(&config) {
         start_task(&mut tasks, spec, &ledger, &now, &status);
     }
-    // The accounts the metrics cover: the configuration's, as reloaded.
-    let current = Arc::new(std::sync::RwLock::new(Arc::new(config.clone())));
-    if let Some(addr) = config.metrics_listen {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| anyhow::anyhow!("metrics_listen: cannot listen on {addr}: {e}"))?;
-        tokio::spawn(serve_metrics(
-            listener,
-            current.clone(),
-            status.clone(),
-            now.clone(),
-        ));
-        tracing::info!("metrics on http://{addr}/metrics, health on /healthz");
-    }
-    let metrics_file = config.metrics_file.clone();
-    // A connection of its own: rendering must not hold the passes' ledger
-    // (each delivery's record waits for it).
-    let metrics_ledger = match &metrics_file {
-        Some(_) => {
-            let path = config.ledger.clone();
-            Some(LedgerHandle::new(
-                tokio::task::spawn_blocking(move || Ledger::open(&path)).await??,
-            ))
-        }
-        None => None,
-    };
-    let mut written_at_round = usize::MAX;
+    let mut metrics = Metrics::start(&config, &status, &now).await?;
     let _ = sd_notify::notify(&[NotifyState::Ready]);
     tracing::info!(tasks = tasks.len(), "daemon started");
 
@@ -296,14 +270,9 @@ pub async fn run_daemon(
                     match Config::load(&config_path) {
                         Err(e) => tracing::error!("configuration not reloaded, keeping the old one: {e}"),
                         Ok(mut new) => {
-                            if new.metrics_listen != config.metrics_listen {
-                                tracing::warn!("metrics_listen changed: it takes effect at the next start");
-                            }
                             new.metrics_file = config.metrics_file.clone();
                             reload(&mut tasks, &mut locks, &new, &ledger, &now, &status).await;
-                            if let Ok(mut c) = current.write() {
-                                *c = Arc::new(new);
-                            }
+                            metrics.reloaded(new);
                         }
                     }
                     let _ = sd_notify::notify(&[NotifyState::Ready]);
@@ -313,14 +282,7 @@ pub async fn run_daemon(
                 // The watchdog is fed only while every task is alive: a
                 // panicked task means the supervisor lost one.
                 let healthy = tasks.values().all(|t| !t.handle.is_finished());
-                let rounds = status.rounds.load(Ordering::Relaxed);
-                if let (Some(path), Some(ml)) = (metrics_file.as_ref(), metrics_ledger.as_ref()) {
-                    if rounds != written_at_round {
-                        written_at_round = rounds;
-                        let c = current.read().map(|c| c.clone()).unwrap_or_else(|p| p.into_inner().clone());
-                        crate::metrics::write(path, &c, ml, now(), Some(status.live())).await;
-                    }
-                }
+                metrics.tick(&status, now()).await;
                 let line = status.line(tasks.len());
                 let _ = sd_notify::notify(&[NotifyState::Status(&line)]);
                 if healthy && watchdog.is_some() {
@@ -351,6 +313,78 @@ pub async fn run_daemon(
     drop(locks);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The daemon's metrics: the endpoint, and the file written after passes.
+struct Metrics {
+    /// The accounts the metrics cover: the configuration's, as reloaded.
+    current: Arc<std::sync::RwLock<Arc<Config>>>,
+    /// The file, and a ledger connection of its own: rendering must not
+    /// hold the passes' ledger (each delivery's record waits for it).
+    file: Option<(PathBuf, LedgerHandle)>,
+    written_at_round: usize,
+}
+
+impl Metrics {
+    /// Starts the endpoint if `metrics_listen` says so.
+    async fn start(config: &Config, status: &Arc<Status>, now: &Clock) -> Result<Metrics> {
+        let current = Arc::new(std::sync::RwLock::new(Arc::new(config.clone())));
+        if let Some(addr) = config.metrics_listen {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("metrics_listen: cannot listen on {addr}: {e}"))?;
+            tokio::spawn(serve_metrics(
+                listener,
+                current.clone(),
+                status.clone(),
+                now.clone(),
+            ));
+            tracing::info!("metrics on http://{addr}/metrics, health on /healthz");
+        }
+        let file = match &config.metrics_file {
+            Some(p) => {
+                let path = config.ledger.clone();
+                let l = tokio::task::spawn_blocking(move || Ledger::open(&path)).await??;
+                Some((p.clone(), LedgerHandle::new(l)))
+            }
+            None => None,
+        };
+        Ok(Metrics {
+            current,
+            file,
+            written_at_round: usize::MAX,
+        })
+    }
+
+    fn config(&self) -> Arc<Config> {
+        self.current
+            .read()
+            .map(|c| c.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    fn reloaded(&self, new: Config) {
+        if new.metrics_listen != self.config().metrics_listen {
+            tracing::warn!("metrics_listen changed: it takes effect at the next start");
+        }
+        if let Ok(mut c) = self.current.write() {
+            *c = Arc::new(new);
+        }
+    }
+
+    /// Rewrites the file if passes happened since it was last written.
+    async fn tick(&mut self, status: &Status, now: i64) {
+        let rounds = status.rounds.load(Ordering::Relaxed);
+        if let Some((path, ledger)) = self
+            .file
+            .as_ref()
+            .filter(|_| rounds != self.written_at_round)
+        {
+            let config = self.config();
+            crate::metrics::write(path, &config, ledger, now, Some(status.live())).await;
+            self.written_at_round = rounds;
+        }
+    }
 }
 
 /// `/metrics` and `/healthz` on `metrics_listen`, with a ledger connection
