@@ -406,8 +406,14 @@ async fn serve_metrics(
         }
     };
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                // Out of file descriptors, say: not a reason to spin.
+                tracing::warn!("metrics: accepting a connection: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
         };
         let (current, status, now, ledger) =
             (current.clone(), status.clone(), now.clone(), ledger.clone());

@@ -381,11 +381,13 @@ pub(crate) async fn work_mailbox(
 /// (the pass's own records are what matter).
 pub(crate) mod health {
     use crate::config::{Account, MailboxConfig};
-    use crate::ledger::LedgerHandle;
+    use crate::ledger::{LedgerHandle, MailboxLedger};
 
     pub async fn ok(ledger: &LedgerHandle, account: &Account, mb: &MailboxConfig, now: i64) {
-        let (a, m) = (account.name.clone(), mb.name.clone());
-        if let Err(e) = ledger.call(move |l| l.pass_ok(&a, &m, now)).await {
+        let r = MailboxLedger::new(ledger, &account.name, &mb.name)
+            .pass_ok(now)
+            .await;
+        if let Err(e) = r {
             tracing::warn!("recording the pass's health: {e:#}");
         }
     }
@@ -398,18 +400,14 @@ pub(crate) mod health {
         now: i64,
         error: &str,
     ) {
-        let a = account.name.clone();
-        let names: Vec<String> = mailboxes.iter().map(|m| m.name.clone()).collect();
-        let text = error.to_string();
-        let r = ledger
-            .call(move |l| {
-                names
-                    .iter()
-                    .try_for_each(|m| l.pass_failed(&a, m, now, &text))
-            })
-            .await;
-        if let Err(e) = r {
-            tracing::warn!("recording the pass's health: {e:#}");
+        for mb in mailboxes {
+            let r = MailboxLedger::new(ledger, &account.name, &mb.name)
+                .pass_failed(now, error)
+                .await;
+            if let Err(e) = r {
+                tracing::warn!("recording the pass's health: {e:#}");
+                return;
+            }
         }
     }
 }

@@ -74,6 +74,18 @@ impl MailboxLedger {
         self.call(move |l, a, m| l.set_retry(a, m, retry)).await
     }
 
+    /// A pass went through (for `status`, alerts, metrics).
+    pub async fn pass_ok(&self, now: i64) -> Result<()> {
+        self.call(move |l, a, m| l.pass_ok(a, m, now)).await
+    }
+
+    /// A pass, or the connection for it, failed with `error`.
+    pub async fn pass_failed(&self, now: i64, error: &str) -> Result<()> {
+        let error = error.to_string();
+        self.call(move |l, a, m| l.pass_failed(a, m, now, &error))
+            .await
+    }
+
     /// This mailbox under `uidvalidity`.
     pub fn epoch(&self, uidvalidity: u32) -> Epoch {
         Epoch {

@@ -1,7 +1,7 @@
 //! The middle of a pass: the plan's messages fetched, delivered and
 //! recorded, one ledger write per message.
 //!
-//! The FETCH stream ([`feed`]) fills a bounded channel and the delivery
+//! The FETCH stream ([`feed_all`]) fills a bounded channel and the delivery
 //! sessions ([`session_worker`]) drain it, so fetching overlaps delivering,
 //! and memory holds a few messages, at most about [`IN_FLIGHT_BYTES`] plus
 //! the largest, whatever the size of the mailbox. Messages are accepted one
