@@ -277,10 +277,33 @@ pub fn message(a: &Account, to: &str, subject: &str, text: &str, now: i64) -> Ve
     .into_bytes()
 }
 
-/// One evaluation at a time in a process: two tasks of one account must
-/// not tell the same thing twice. (Another process cannot hold the
+/// The accounts being looked at now: two tasks of one account must not
+/// tell the same thing twice, so the second one skips its look (the first
+/// sees the same). Per account, so that a local server that hangs on one
+/// notice holds up no other account. (Another process cannot hold the
 /// account: its lock.)
-static EVALUATING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+static EVALUATING: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Holds an account's place in [`EVALUATING`].
+struct Looking(String);
+
+impl Looking {
+    fn take(account: &str) -> Option<Looking> {
+        let mut busy = EVALUATING.lock().unwrap_or_else(|p| p.into_inner());
+        if busy.iter().any(|a| a == account) {
+            return None;
+        }
+        busy.push(account.to_string());
+        Some(Looking(account.to_string()))
+    }
+}
+
+impl Drop for Looking {
+    fn drop(&mut self) {
+        let mut busy = EVALUATING.lock().unwrap_or_else(|p| p.into_inner());
+        busy.retain(|a| *a != self.0);
+    }
+}
 
 /// Looks at the account, tells what is to be told, records it. Errors are
 /// logged: an alert never stops a pass.
@@ -291,7 +314,9 @@ pub async fn evaluate(a: &Account, ledger: &LedgerHandle, now: i64) {
 }
 
 async fn try_evaluate(a: &Account, ledger: &LedgerHandle, now: i64) -> Result<()> {
-    let _one = EVALUATING.lock().await;
+    let Some(_looking) = Looking::take(&a.name) else {
+        return Ok(());
+    };
     let (acct, mailboxes) = (a.name.clone(), a.mailboxes.clone());
     let (after, stuck) = (
         a.alert_after.as_secs() as i64,
