@@ -357,10 +357,7 @@ impl Metrics {
     }
 
     fn config(&self) -> Arc<Config> {
-        self.current
-            .read()
-            .map(|c| c.clone())
-            .unwrap_or_else(|p| p.into_inner().clone())
+        latest(&self.current)
     }
 
     fn reloaded(&self, new: Config) {
@@ -387,6 +384,14 @@ impl Metrics {
     }
 }
 
+/// The configuration as last (re)loaded.
+fn latest(current: &std::sync::RwLock<Arc<Config>>) -> Arc<Config> {
+    current
+        .read()
+        .map(|c| c.clone())
+        .unwrap_or_else(|p| p.into_inner().clone())
+}
+
 /// `/metrics` and `/healthz` on `metrics_listen`, with a ledger connection
 /// of their own (reads never wait for the passes' writes: WAL).
 async fn serve_metrics(
@@ -397,7 +402,7 @@ async fn serve_metrics(
 ) {
     use http_body_util::Full;
     use hyper::body::Bytes;
-    let path = current.read().map(|c| c.ledger.clone()).unwrap_or_default();
+    let path = latest(&current).ledger.clone();
     let ledger = match Ledger::open(&path) {
         Ok(l) => LedgerHandle::new(l),
         Err(e) => {
@@ -419,10 +424,7 @@ async fn serve_metrics(
             (current.clone(), status.clone(), now.clone(), ledger.clone());
         let service =
             hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let config = current
-                    .read()
-                    .map(|c| c.clone())
-                    .unwrap_or_else(|p| p.into_inner().clone());
+                let config = latest(&current);
                 let (status, now, ledger) = (status.clone(), now.clone(), ledger.clone());
                 async move {
                     let path = req.uri().path().to_string();
