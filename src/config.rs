@@ -122,6 +122,8 @@ pub struct RawAccount {
     pub password: Option<String>,
     pub password_file: Option<PathBuf>,
     pub password_command: Option<Vec<String>>,
+    pub auth: Option<AuthMethod>,
+    pub oauth2_token_command: Option<Vec<String>>,
     pub compress: Option<Compress>,
     pub max_message_size: Option<ByteSize>,
     pub mailboxes: Option<Vec<RawMailbox>>,
@@ -207,6 +209,36 @@ impl<'de> Deserialize<'de> for HumanDuration {
             .map(HumanDuration)
             .map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))
     }
+}
+
+/// `auth` as written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMethod {
+    Password,
+    Xoauth2,
+    Oauthbearer,
+}
+
+/// The SASL mechanisms that carry an OAuth 2.0 bearer token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OAuthMechanism {
+    /// Google's and Microsoft's XOAUTH2.
+    Xoauth2,
+    /// RFC 7628.
+    Oauthbearer,
+}
+
+/// How an account logs in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Auth {
+    /// AUTHENTICATE PLAIN or LOGIN, with the account's password.
+    Password,
+    /// A bearer token, printed by `oauth2_token_command`.
+    OAuth2 {
+        mechanism: OAuthMechanism,
+        token_command: Vec<String>,
+    },
 }
 
 /// When COMPRESS=DEFLATE (RFC 4978) is used, if the server offers it.
@@ -420,6 +452,8 @@ pub struct Account {
     pub tls_pin_sha256: Option<Vec<u8>>,
     pub username: String,
     pub password: PasswordSource,
+    /// How the account logs in.
+    pub auth: Auth,
     pub compress: Compress,
     /// Messages larger than this are quarantined unfetched (bytes).
     pub max_message_size: u64,
@@ -584,6 +618,8 @@ fn merge(d: &RawAccount, a: RawAccount) -> RawAccount {
         password,
         password_file,
         password_command,
+        auth,
+        oauth2_token_command,
         compress,
         max_message_size,
         mailboxes,
@@ -697,12 +733,23 @@ fn resolve_tcp(
         .username
         .clone()
         .ok_or_else(|| here("username", "missing: the IMAP login name".into()))?;
-    let password = password_source(a, here)?.ok_or_else(|| {
-        here(
-            "password",
-            "missing: set one of `password`, `password_file`, `password_command`".into(),
-        )
-    })?;
+    let oauth = matches!(a.auth, Some(AuthMethod::Xoauth2 | AuthMethod::Oauthbearer));
+    let password =
+        match password_source(a, here)? {
+            Some(_) if oauth => return Err(here(
+                "password",
+                "does not apply with an OAuth2 `auth`: the token comes from oauth2_token_command"
+                    .into(),
+            )),
+            Some(p) => p,
+            None if oauth => PasswordSource::None,
+            None => {
+                return Err(here(
+                    "password",
+                    "missing: set one of `password`, `password_file`, `password_command`".into(),
+                ))
+            }
+        };
     Ok(Reach {
         host,
         port,
@@ -815,6 +862,7 @@ fn common(
     };
     let limits = resolve_limits(&a, here)?;
     let alert_to = resolve_alert_to(&a, here)?;
+    let auth = resolve_auth(&a, here)?;
     let Reach {
         host,
         port,
@@ -834,6 +882,7 @@ fn common(
         tls_pin_sha256,
         username,
         password,
+        auth,
         compress: a.compress.unwrap_or(Compress::Auto),
         max_message_size: limits.max_message_size,
         mailboxes,
@@ -860,6 +909,36 @@ fn common(
         alert_to,
         alert_after: dur(a.alert_after, DEFAULT_ALERT_AFTER),
     })
+}
+
+fn resolve_auth(
+    a: &RawAccount,
+    here: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<Auth, ConfigError> {
+    let mechanism = match a.auth.unwrap_or(AuthMethod::Password) {
+        AuthMethod::Password => {
+            if a.oauth2_token_command.is_some() {
+                return Err(here(
+                    "oauth2_token_command",
+                    "only with auth = \"xoauth2\" or \"oauthbearer\"".into(),
+                ));
+            }
+            return Ok(Auth::Password);
+        }
+        AuthMethod::Xoauth2 => OAuthMechanism::Xoauth2,
+        AuthMethod::Oauthbearer => OAuthMechanism::Oauthbearer,
+    };
+    match a.oauth2_token_command.clone() {
+        Some(c) if !c.is_empty() && !c[0].is_empty() => Ok(Auth::OAuth2 {
+            mechanism,
+            token_command: c,
+        }),
+        _ => Err(here(
+            "oauth2_token_command",
+            "missing: the program that prints an access token, e.g. [\"oauth2-helper\", \"--account\", \"work\"]"
+                .into(),
+        )),
+    }
 }
 
 fn resolve_alert_to(
@@ -1282,6 +1361,52 @@ recipients = ["me@example.org"]
                 target: DeliverTarget::Unix("/run/dovecot/lmtp".into())
             }
         );
+    }
+
+    #[test]
+    fn oauth2_takes_a_token_command_and_no_password() {
+        let oauth = MIN.replace(
+            "password = \"pw\"",
+            "auth = \"xoauth2\"\noauth2_token_command = [\"helper\", \"work\"]",
+        );
+        let c = parse(&oauth).unwrap();
+        assert_eq!(
+            c.accounts[0].auth,
+            Auth::OAuth2 {
+                mechanism: OAuthMechanism::Xoauth2,
+                token_command: vec!["helper".into(), "work".into()]
+            }
+        );
+        assert_eq!(parse(MIN).unwrap().accounts[0].auth, Auth::Password);
+        for (text, key) in [
+            // A password beside a token.
+            (
+                MIN.replace(
+                    "password = \"pw\"",
+                    "password = \"pw\"\nauth = \"oauthbearer\"",
+                ),
+                "password",
+            ),
+            // No token command.
+            (
+                MIN.replace("password = \"pw\"", "auth = \"oauthbearer\""),
+                "oauth2_token_command",
+            ),
+            // A token command without an OAuth2 auth.
+            (
+                MIN.replace(
+                    "password = \"pw\"",
+                    "password = \"pw\"\noauth2_token_command = [\"h\"]",
+                ),
+                "oauth2_token_command",
+            ),
+        ] {
+            let e = parse(&text).unwrap_err().0;
+            assert!(
+                e.contains(&format!("`{key}`")) || e.contains(key),
+                "{key}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -17,21 +17,26 @@ pub fn read_password(src: &PasswordSource) -> Result<Secret> {
                 .with_context(|| format!("reading password_file {}", p.display()))?;
             Ok(Secret::new(strip_newline(s)))
         }
-        PasswordSource::Command(argv) => {
-            let out = std::process::Command::new(&argv[0])
-                .args(&argv[1..])
-                .stdin(std::process::Stdio::null())
-                .stderr(std::process::Stdio::inherit())
-                .output()
-                .with_context(|| format!("running password_command {:?}", argv[0]))?;
-            if !out.status.success() {
-                bail!("password_command {:?} failed: {}", argv[0], out.status);
-            }
-            let s = String::from_utf8(out.stdout)
-                .map_err(|_| anyhow!("password_command {:?} printed non-UTF-8", argv[0]))?;
-            Ok(Secret::new(strip_newline(s)))
-        }
+        PasswordSource::Command(argv) => secret_from_command("password_command", argv),
     }
+}
+
+/// What `argv` prints on stdout, without its final newline: a password
+/// (`password_command`) or an access token (`oauth2_token_command`). The
+/// command's stderr goes to imapull's; what it prints is never logged.
+pub fn secret_from_command(key: &str, argv: &[String]) -> Result<Secret> {
+    let out = std::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {key} {:?}", argv[0]))?;
+    if !out.status.success() {
+        bail!("{key} {:?} failed: {}", argv[0], out.status);
+    }
+    let s = String::from_utf8(out.stdout)
+        .map_err(|_| anyhow!("{key} {:?} printed non-UTF-8", argv[0]))?;
+    Ok(Secret::new(strip_newline(s)))
 }
 
 /// One final newline (LF or CRLF) is the file's, not the password's.

@@ -16,7 +16,9 @@ use tokio::net::TcpStream;
 use super::conn::{quoted, Conn, Done, ImapError, Part, Step};
 use super::response::{Code, Data, Response, Status};
 use super::Imap;
-use crate::config::{Account, Compress, Connect, PasswordSource, Proxy, TlsMode};
+use crate::config::{
+    Account, Auth, Compress, Connect, OAuthMechanism, PasswordSource, Proxy, TlsMode,
+};
 use crate::credentials::read_password;
 use crate::net::{connect_each, resolve, timed, BoxIo, IdleTimeout, WireStats};
 use crate::secret::Secret;
@@ -221,6 +223,13 @@ async fn login(
             "{peer} refuses to log in (LOGINDISABLED) on this connection"
         )));
     }
+    if let Auth::OAuth2 {
+        mechanism,
+        token_command,
+    } = &account.auth
+    {
+        return oauth_login(account, conn, caps, *mechanism, token_command).await;
+    }
     if matches!(account.password, PasswordSource::None) {
         return Err(ConnectError::Auth(anyhow!(
             "{peer} asks for a login, and the account has no password \
@@ -231,7 +240,10 @@ async fn login(
     let password = read_password(&account.password).map_err(ConnectError::Auth)?;
     let done = if caps.contains("AUTH=PLAIN") {
         let response = plain_response(&account.username, &password);
-        sasl(conn, "PLAIN", &response, caps.contains("SASL-IR")).await
+        sasl(conn, "PLAIN", &response, caps.contains("SASL-IR"), b"\r\n")
+            .await
+            .map(|(done, _)| done)
+            .map_err(|(e, _)| e)
     } else {
         login_command(conn, &account.username, &password).await
     };
@@ -251,6 +263,142 @@ async fn login(
     })
 }
 
+/// AUTHENTICATE XOAUTH2 or OAUTHBEARER with the token that
+/// `oauth2_token_command` prints. A refused token is asked for again once
+/// (the command may refresh it) and tried again on the same connection
+/// before the login counts as refused; the server's failure report (base64
+/// JSON) is decoded into the error.
+async fn oauth_login(
+    account: &Account,
+    conn: &mut Conn,
+    caps: &HashSet<String>,
+    mechanism: OAuthMechanism,
+    token_command: &[String],
+) -> Result<Option<HashSet<String>>, ConnectError> {
+    let peer = conn.peer.clone();
+    let name = match mechanism {
+        OAuthMechanism::Xoauth2 => "XOAUTH2",
+        OAuthMechanism::Oauthbearer => "OAUTHBEARER",
+    };
+    if !caps.contains(&format!("AUTH={name}")) {
+        let offered: Vec<&str> = caps
+            .iter()
+            .filter_map(|c| c.strip_prefix("AUTH="))
+            .collect();
+        return Err(ConnectError::Auth(anyhow!(
+            "{peer} does not offer AUTH={name} (it offers {})",
+            if offered.is_empty() {
+                "none".to_string()
+            } else {
+                offered.join(", ")
+            }
+        )));
+    }
+    conn.use_capabilities(caps);
+    let mut refused = None;
+    for attempt in 0..2 {
+        let token = crate::credentials::secret_from_command("oauth2_token_command", token_command)
+            .map_err(ConnectError::Auth)?;
+        if token.expose().is_empty() {
+            return Err(ConnectError::Auth(anyhow!(
+                "oauth2_token_command {:?} printed no token",
+                token_command[0]
+            )));
+        }
+        let response = oauth_response(
+            mechanism,
+            &account.username,
+            &account.host,
+            account.port,
+            &token,
+        );
+        // RFC 7628 section 3.2.3: a failure report is answered with ^A;
+        // XOAUTH2 takes an empty line.
+        let abort: &[u8] = match mechanism {
+            OAuthMechanism::Xoauth2 => b"\r\n",
+            OAuthMechanism::Oauthbearer => b"AQ==\r\n",
+        };
+        match sasl(conn, name, &response, caps.contains("SASL-IR"), abort).await {
+            Ok((done, _)) => {
+                return Ok(match done.code {
+                    Some(Code::Capability(c)) => Some(c.into_iter().collect()),
+                    _ => None,
+                })
+            }
+            Err((e, report)) if e.is_refusal() => {
+                let why = report.as_deref().map(failure_report).unwrap_or_default();
+                refused = Some(anyhow::Error::new(e).context(format!(
+                    "{peer} refused the OAuth2 token of {}{why}",
+                    account.username
+                )));
+                if attempt == 0 {
+                    tracing::info!(
+                        peer,
+                        "{name} token refused; asking oauth2_token_command for a fresh one"
+                    );
+                }
+            }
+            Err((e, _)) => {
+                return Err(ConnectError::Unavailable(
+                    anyhow::Error::new(e).context(format!("logging in to {peer} ({name})")),
+                ))
+            }
+        }
+    }
+    Err(ConnectError::Auth(refused.expect("two refusals")))
+}
+
+/// The initial response of XOAUTH2 (Google's and Microsoft's) or
+/// OAUTHBEARER (RFC 7628: a GS2 header, then key=value pairs, each ended by
+/// ^A), base64.
+fn oauth_response(
+    mechanism: OAuthMechanism,
+    user: &str,
+    host: &str,
+    port: u16,
+    token: &Secret,
+) -> Secret {
+    use base64::Engine as _;
+    let raw = match mechanism {
+        OAuthMechanism::Xoauth2 => format!("user={user}\x01auth=Bearer {}\x01\x01", token.expose()),
+        OAuthMechanism::Oauthbearer => {
+            // A "," or "=" in the user name is escaped (RFC 5801).
+            let user = user.replace('=', "=3D").replace(',', "=2C");
+            format!(
+                "n,a={user},\x01host={host}\x01port={port}\x01auth=Bearer {}\x01\x01",
+                token.expose()
+            )
+        }
+    };
+    Secret::new(base64::engine::general_purpose::STANDARD.encode(raw))
+}
+
+/// The server's failure report (RFC 7628 section 3.2.2: base64 of a JSON
+/// object with `status`, `scope`, `openid-configuration`), in words.
+pub fn failure_report(challenge: &str) -> String {
+    use base64::Engine as _;
+    let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(challenge.trim()) else {
+        return String::new();
+    };
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+        return format!(": {}", String::from_utf8_lossy(&bytes));
+    };
+    let field = |k: &str| {
+        v.get(k)
+            .and_then(|s| s.as_str())
+            .map(|s| format!("{k} {s}"))
+    };
+    let parts: Vec<String> = ["status", "scope", "schemes"]
+        .iter()
+        .filter_map(|k| field(k))
+        .collect();
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", parts.join(", "))
+    }
+}
+
 /// RFC 4616: authzid (empty), NUL, authcid, NUL, password.
 fn plain_response(user: &str, password: &Secret) -> Secret {
     use base64::Engine as _;
@@ -262,37 +410,55 @@ fn plain_response(user: &str, password: &Secret) -> Secret {
     Secret::new(base64::engine::general_purpose::STANDARD.encode(r))
 }
 
+/// A failed SASL exchange: the error, and the challenge the server sent
+/// after our response (its failure report), if it sent one.
+type SaslError = (ImapError, Option<String>);
+
 /// `AUTHENTICATE mechanism`, the base64 `response` sent with the command
 /// (SASL-IR, RFC 4959: one round trip less) or after the server's "+". A
-/// further challenge (a failure report, as XOAUTH2 sends) is answered with
-/// an empty line, after which the server says NO.
+/// further challenge (a failure report, as XOAUTH2 and OAUTHBEARER send)
+/// is answered with `abort`, after which the server says NO; the report
+/// comes back with the error.
 async fn sasl(
     conn: &mut Conn,
     mechanism: &str,
     response: &Secret,
     initial: bool,
-) -> Result<Done, ImapError> {
+    abort: &[u8],
+) -> Result<(Done, Option<String>), SaslError> {
     let what = format!("AUTHENTICATE {mechanism}");
     let mut ignore = |_| Ok(());
     let first = format!("AUTHENTICATE {mechanism}");
     let tag = if initial {
         let ir = format!(" {}", response.expose());
         conn.send(&what, &[Part::Text(&first), Part::Text(&ir)], &mut ignore)
-            .await?
+            .await
+            .map_err(|e| (e, None))?
     } else {
-        let tag = conn.send(&what, &[Part::Text(&first)], &mut ignore).await?;
-        conn.wait_continue(&what, &tag, &mut ignore).await?;
+        let tag = conn
+            .send(&what, &[Part::Text(&first)], &mut ignore)
+            .await
+            .map_err(|e| (e, None))?;
+        conn.wait_continue(&what, &tag, &mut ignore)
+            .await
+            .map_err(|e| (e, None))?;
         conn.write(format!("{}\r\n", response.expose()).as_bytes())
-            .await?;
+            .await
+            .map_err(|e| (e, None))?;
         tag
     };
+    let mut report = None;
     loop {
-        match conn.step(&what, &tag).await? {
-            Step::Data(_) => {}
+        match conn.step(&what, &tag).await {
+            Ok(Step::Data(_)) => {}
             // A challenge after our response: end the exchange; the
             // server then says NO.
-            Step::Continue(_) => conn.write(b"\r\n").await?,
-            Step::Done(done) => return Ok(done),
+            Ok(Step::Continue(text)) => {
+                report = Some(text);
+                conn.write(abort).await.map_err(|e| (e, report.clone()))?;
+            }
+            Ok(Step::Done(done)) => return Ok((done, report)),
+            Err(e) => return Err((e, report)),
         }
     }
 }

@@ -714,3 +714,176 @@ async fn a_stop_while_idling_sends_done_and_logout_and_does_not_wait_long() {
         }
     }
 }
+
+/// An account that logs in with OAuth2, its token printed by a command
+/// that counts its runs: "tok1", then "tok2".
+fn oauth_account(mechanism: &str, dir: &std::path::Path) -> Account {
+    let counter = dir.join("runs");
+    let script = format!(
+        "n=$(cat {c} 2>/dev/null || echo 0); n=$((n+1)); echo $n > {c}; echo tok$n",
+        c = counter.display()
+    );
+    let text = format!(
+        "[accounts.t]\nhost = \"127.0.0.1\"\ntls = \"none\"\nusername = \"u\"\n\
+         auth = \"{mechanism}\"\noauth2_token_command = [\"sh\", \"-c\", {script:?}]\n\
+         deliver = \"smtp://127.0.0.1:25\"\nrecipients = [\"me@example.org\"]\n"
+    );
+    crate::config::Config::parse(std::path::Path::new("t.toml"), &text)
+        .unwrap()
+        .accounts
+        .remove(0)
+}
+
+fn b64(s: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+const CAPABILITY_AFTER_LOGIN: &str = "* CAPABILITY IMAP4rev1 IDLE\r\n";
+
+#[tokio::test]
+async fn xoauth2_sends_the_token_with_the_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = tokio::io::duplex(1 << 16);
+    let ex = Exchange {
+        expect: vec![
+            format!(
+                "AUTHENTICATE XOAUTH2 {}",
+                b64("user=u\x01auth=Bearer tok1\x01\x01")
+            ),
+            "CAPABILITY".into(),
+        ],
+        answer: vec![
+            vec!["$T OK logged in\r\n".into()],
+            vec![CAPABILITY_AFTER_LOGIN.into(), "$T OK\r\n".into()],
+        ],
+    };
+    let greeting = "* OK [CAPABILITY IMAP4rev1 AUTH=XOAUTH2 SASL-IR] hi\r\n";
+    let server = tokio::spawn(serve(b, greeting, ex, None));
+    let imap = establish(&oauth_account("xoauth2", dir.path()), over(a), false).await;
+    assert!(imap.map_err(|e| e.to_string()).unwrap().has("IDLE"));
+    assert_eq!(server.await.unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn oauthbearer_answers_the_continuation() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = tokio::io::duplex(1 << 16);
+    let ex = Exchange {
+        expect: vec!["AUTHENTICATE OAUTHBEARER".into(), "CAPABILITY".into()],
+        answer: vec![
+            vec!["+ \r\n".into(), "$T OK logged in\r\n".into()],
+            vec![CAPABILITY_AFTER_LOGIN.into(), "$T OK\r\n".into()],
+        ],
+    };
+    // No SASL-IR: the response follows the server's "+".
+    let greeting = "* OK [CAPABILITY IMAP4rev1 AUTH=OAUTHBEARER] hi\r\n";
+    let server = tokio::spawn(serve(b, greeting, ex, None));
+    let imap = establish(&oauth_account("oauthbearer", dir.path()), over(a), false).await;
+    assert!(imap.is_ok(), "{:?}", imap.err().map(|e| e.to_string()));
+    drop(imap);
+    let seen = server.await.unwrap();
+    let want = b64("n,a=u,\x01host=127.0.0.1\x01port=143\x01auth=Bearer tok1\x01\x01");
+    assert_eq!(seen[1], want, "{seen:?}");
+}
+
+/// The failure report of a refused token (RFC 7628 section 3.2.2).
+fn report() -> String {
+    b64(r#"{"status":"401","schemes":"bearer","scope":"https://mail.google.com/"}"#)
+}
+
+#[tokio::test]
+async fn a_refused_token_is_fetched_again_once_then_the_login_is_refused_with_the_reason() {
+    for (mechanism, abort) in [("xoauth2", ""), ("oauthbearer", "AQ==")] {
+        let name = mechanism.to_uppercase();
+        let refusal = || {
+            vec![
+                format!("+ {}\r\n", report()),
+                "$T NO [AUTHENTICATIONFAILED] Invalid credentials\r\n".to_string(),
+            ]
+        };
+        let ir = |tok: &str| match mechanism {
+            "xoauth2" => b64(&format!("user=u\x01auth=Bearer {tok}\x01\x01")),
+            _ => b64(&format!(
+                "n,a=u,\x01host=127.0.0.1\x01port=143\x01auth=Bearer {tok}\x01\x01"
+            )),
+        };
+        // The fresh token works: logged in.
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let ex = Exchange {
+            expect: vec![
+                format!("AUTHENTICATE {name} {}", ir("tok1")),
+                format!("AUTHENTICATE {name} {}", ir("tok2")),
+                "CAPABILITY".into(),
+            ],
+            answer: vec![
+                refusal(),
+                vec!["$T OK logged in\r\n".into()],
+                vec![CAPABILITY_AFTER_LOGIN.into(), "$T OK\r\n".into()],
+            ],
+        };
+        let greeting = format!("* OK [CAPABILITY IMAP4rev1 AUTH={name} SASL-IR] hi\r\n");
+        let greeting: &'static str = Box::leak(greeting.into_boxed_str());
+        let server = tokio::spawn(serve(b, greeting, ex.clone(), None));
+        let imap = establish(&oauth_account(mechanism, dir.path()), over(a), false).await;
+        assert!(
+            imap.is_ok(),
+            "{mechanism}: {:?}",
+            imap.err().map(|e| e.to_string())
+        );
+        drop(imap);
+        let seen = server.await.unwrap();
+        // The failure report was answered as the mechanism wants.
+        assert_eq!(seen[1], abort, "{mechanism}: {seen:?}");
+        // Refused twice: an authentication error with the server's reasons,
+        // and no token in it.
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let mut ex = ex;
+        ex.answer[1] = refusal();
+        let server = tokio::spawn(serve(b, greeting, ex, None));
+        let e = establish(&oauth_account(mechanism, dir.path()), over(a), false)
+            .await
+            .err()
+            .expect("refused");
+        assert!(matches!(e, ConnectError::Auth(_)), "{mechanism}: {e}");
+        let text = format!("{e:#}");
+        assert!(
+            text.contains("status 401") && text.contains("scope https://mail.google.com/"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("tok1") && !text.contains("tok2"),
+            "a token in {text}"
+        );
+        let _ = server.await;
+    }
+}
+
+#[tokio::test]
+async fn a_server_without_the_mechanism_is_refused_before_any_token_is_fetched() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = tokio::io::duplex(1 << 16);
+    let ex = Exchange {
+        expect: vec![],
+        answer: vec![],
+    };
+    let server = tokio::spawn(serve(
+        b,
+        "* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] hi\r\n",
+        ex,
+        None,
+    ));
+    let e = establish(&oauth_account("xoauth2", dir.path()), over(a), false)
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        e.to_string()
+            .contains("does not offer AUTH=XOAUTH2 (it offers PLAIN)"),
+        "{e}"
+    );
+    assert!(!dir.path().join("runs").exists(), "the token command ran");
+    let _ = server.await;
+}
