@@ -57,6 +57,23 @@ adduser() {
     fi
 }
 
+# TESTENV_OAUTH2_URL: bearer tokens (XOAUTH2, OAUTHBEARER) are checked by
+# POSTing them to this introspection endpoint (one the tests run on
+# 127.0.0.1); unset, Dovecot offers neither mechanism.
+oauth2_passdb() {
+    [[ -n ${TESTENV_OAUTH2_URL:-} ]] || return 0
+    cat > "$dir/dovecot/oauth2.conf.ext" <<OAUTH
+introspection_mode = post
+introspection_url = $TESTENV_OAUTH2_URL
+username_attribute = username
+active_attribute = active
+active_value = true
+force_introspection = yes
+OAUTH
+    printf 'passdb {\n  driver = oauth2\n  mechanisms = xoauth2 oauthbearer\n  args = %s\n}\n' \
+        "$dir/dovecot/oauth2.conf.ext"
+}
+
 start() {
     mkdir -p "$dir"
     dir=$(cd "$dir" && pwd)
@@ -102,7 +119,7 @@ ssl = yes
 ssl_cert = <$dir/certs/server.pem
 ssl_key = <$dir/certs/server.key
 disable_plaintext_auth = no
-auth_mechanisms = plain login
+auth_mechanisms = plain login$([[ -n ${TESTENV_OAUTH2_URL:-} ]] && echo " xoauth2 oauthbearer")
 first_valid_uid = 1
 mail_location = maildir:~/Maildir
 mail_max_userip_connections = 200
@@ -118,6 +135,7 @@ passdb {
   driver = passwd-file
   args = scheme=PLAIN username_format=%Ln $dir/dovecot/users
 }
+$(oauth2_passdb)
 userdb {
   driver = passwd-file
   args = username_format=%Ln $dir/dovecot/users

@@ -54,9 +54,14 @@ pub fn env() -> &'static Env {
         *STOP_DIR.lock().unwrap() = Some(dir.clone());
         // SAFETY: registers a plain extern "C" fn; it runs at exit().
         unsafe { libc::atexit(stop_servers) };
+        let introspection = start_introspection();
         let out = Command::new(root().join("scripts/testenv.sh"))
             .arg("start")
             .arg(&dir)
+            .env(
+                "TESTENV_OAUTH2_URL",
+                format!("http://127.0.0.1:{introspection}/introspect"),
+            )
             .output()
             .expect("running scripts/testenv.sh");
         if !out.status.success() {
@@ -82,6 +87,64 @@ pub fn env() -> &'static Env {
             dir,
         }
     })
+}
+
+/// Bearer tokens Dovecot's oauth2 passdb accepts, and for whom.
+static TOKENS: Mutex<BTreeMap<String, String>> = Mutex::new(BTreeMap::new());
+
+/// `token` logs in as `user` from now on.
+pub fn grant_token(token: &str, user: &str) {
+    TOKENS.lock().unwrap().insert(token.into(), user.into());
+}
+
+/// `token` is refused from now on (revoked, expired).
+pub fn revoke_token(token: &str) {
+    TOKENS.lock().unwrap().remove(token);
+}
+
+/// The token-introspection endpoint Dovecot asks (RFC 7662, by POST): a
+/// thread on 127.0.0.1 answering from [`TOKENS`]. Returns its port.
+fn start_introspection() -> u16 {
+    use std::io::{BufRead as _, Read as _, Write as _};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in listener.incoming().flatten() {
+            let mut r = std::io::BufReader::new(s.try_clone().unwrap());
+            let mut len = 0usize;
+            loop {
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0; len];
+            let _ = r.read_exact(&mut body);
+            let body = String::from_utf8_lossy(&body).into_owned();
+            let token = body
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("token="))
+                .unwrap_or_default()
+                .replace("%2B", "+")
+                .replace("%2F", "/")
+                .replace("%3D", "=");
+            let json = match TOKENS.lock().unwrap().get(&token) {
+                Some(user) => format!("{{\"active\":\"true\",\"username\":\"{user}\"}}"),
+                None => "{\"active\":\"false\"}".to_string(),
+            };
+            let mut w = s;
+            let _ = write!(
+                w,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+                 Connection: close\r\n\r\n{json}",
+                json.len()
+            );
+        }
+    });
+    port
 }
 
 /// A unique number for this test binary run.

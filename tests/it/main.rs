@@ -12,6 +12,7 @@ mod faults;
 mod imap_faults;
 mod kill;
 mod metrics;
+mod oauth2;
 mod ops;
 mod pull;
 mod purge;
