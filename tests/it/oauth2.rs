@@ -91,3 +91,30 @@ fn a_refused_token_is_fetched_again_once_and_a_revoked_one_is_a_clear_refusal() 
     assert_eq!(runs(&case), 4, "one fresh try, not a loop");
     assert_eq!(case.state_of(2), "none");
 }
+
+/// A daemon that logged in keeps its IDLE session when the token it used
+/// expires, and new mail still arrives at once; a reconnect would ask the
+/// command for a fresh token.
+#[test]
+fn the_daemon_keeps_idling_across_the_tokens_expiry() {
+    let (first, second) = (
+        format!("first-{}", unique()),
+        format!("second-{}", unique()),
+    );
+    let case = oauth_case("oauthbearer", &[&first, &second]);
+    grant_token(&first, &case.user);
+    let d = crate::daemon::Daemon::start(&case);
+    d.wait_log("pass done", 1);
+    // The token expires: Dovecot would refuse it now.
+    revoke_token(&first);
+    grant_token(&second, &case.user);
+    drop_message(&case.user, 1, &message(1, "bob@remote.test", "late"), false);
+    d.wait_log("delivered mailbox", 1);
+    assert_eq!(runs(&case), 1, "the IDLE session was not logged in again");
+    let (code, log) = d.stop();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(
+        !log.contains(&first) && !log.contains(&second),
+        "a token in the log"
+    );
+}
