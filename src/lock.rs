@@ -78,8 +78,29 @@ pub fn holder(ledger: &Path, account: &str) -> Option<Holder> {
     let locks = std::fs::read_to_string("/proc/locks").ok()?;
     let pid = flock_holder(&locks, meta.dev(), meta.ino())?;
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let daemon = cmdline.split(|b| *b == 0).any(|arg| arg == b"daemon");
-    Some(Holder { pid, daemon })
+    Some(Holder {
+        pid,
+        daemon: is_daemon(&cmdline),
+    })
+}
+
+/// Whether a command line (NUL-separated, as /proc has it) runs `imapull
+/// daemon`: its subcommand, the first argument that is neither an option
+/// nor an option's value, is `daemon`. (`imapull run daemon` pulls an
+/// account called "daemon", and has no SIGUSR1 handler: it must not be
+/// taken for the daemon and signalled.)
+pub fn is_daemon(cmdline: &[u8]) -> bool {
+    let mut args = cmdline.split(|b| *b == 0).skip(1);
+    while let Some(arg) = args.next() {
+        match arg {
+            b"-c" | b"--config" | b"--metrics-file" => {
+                args.next();
+            }
+            a if a.starts_with(b"-") => {}
+            a => return a == b"daemon",
+        }
+    }
+    false
 }
 
 /// The PID of the flock on the file `dev`:`ino` in a /proc/locks listing
@@ -126,6 +147,34 @@ mod tests {
         // Another device named by the kernel (btrfs, overlayfs): the inode.
         assert_eq!(super::flock_holder(locks, 0x0801, 43), Some(555));
         assert_eq!(super::flock_holder(locks, 0xfe00, 44), None);
+    }
+
+    #[test]
+    fn only_the_daemon_subcommand_is_the_daemon() {
+        let cmd = |args: &[&str]| args.join("\0").into_bytes();
+        assert!(super::is_daemon(&cmd(&[
+            "imapull", "--config", "/x", "-v", "daemon"
+        ])));
+        assert!(super::is_daemon(&cmd(&[
+            "imapull",
+            "--config=/x",
+            "daemon"
+        ])));
+        assert!(super::is_daemon(&cmd(&[
+            "/usr/bin/imapull",
+            "-c",
+            "daemon.toml",
+            "daemon"
+        ])));
+        assert!(!super::is_daemon(&cmd(&["imapull", "run", "daemon"])));
+        assert!(!super::is_daemon(&cmd(&["imapull", "-c", "daemon", "run"])));
+        assert!(!super::is_daemon(&cmd(&[
+            "imapull",
+            "--metrics-file",
+            "daemon",
+            "purge"
+        ])));
+        assert!(!super::is_daemon(b""));
     }
 
     #[test]
