@@ -296,7 +296,8 @@ fn real_main(cli: Cli) -> i32 {
                 .filter(|a| accounts.is_empty() || accounts.contains(&a.name))
                 .collect();
             let mut out = std::io::stdout().lock();
-            rt.block_on(imapull::ops::check::check_all(&mut out, &chosen))
+            let parallel = config.parallel_accounts;
+            rt.block_on(imapull::ops::check::check_all(&mut out, &chosen, parallel))
         }
         Command::Status {
             accounts,
@@ -483,8 +484,13 @@ async fn verify(config: &Config, accounts: &[String], json: bool) -> anyhow::Res
         .accounts
         .iter()
         .filter(|a| accounts.is_empty() || accounts.contains(&a.name));
-    let verdicts =
-        futures_util::future::join_all(chosen.map(|a| verify::verify(a, &ledger, now))).await;
+    // As many servers at once as `run` talks to, in the config's order.
+    use futures_util::StreamExt as _;
+    let verdicts: Vec<verify::AccountVerdict> =
+        futures_util::stream::iter(chosen.map(|a| verify::verify(a, &ledger, now)))
+            .buffered(config.parallel_accounts)
+            .collect()
+            .await;
     let mut out = std::io::stdout().lock();
     if json {
         let doc = serde_json::json!({ "schema": 1, "accounts": verdicts });

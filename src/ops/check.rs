@@ -199,10 +199,15 @@ fn offers(e: &Extensions) -> String {
     }
 }
 
-/// Prints each account's check; the exit code is the first failure's.
-pub async fn check_all(out: &mut impl Write, accounts: &[&Account]) -> i32 {
+/// Prints each account's check, `parallel` at a time (as `run` works on
+/// accounts); the exit code is the first failure's.
+pub async fn check_all(out: &mut impl Write, accounts: &[&Account], parallel: usize) -> i32 {
+    use futures_util::StreamExt as _;
     let mut code = exit::OK;
-    let checks = futures_util::future::join_all(accounts.iter().map(|a| check(a))).await;
+    let checks: Vec<Checked> = futures_util::stream::iter(accounts.iter().map(|a| check(a)))
+        .buffered(parallel.max(1))
+        .collect()
+        .await;
     for c in checks {
         for l in &c.lines {
             let _ = writeln!(out, "{l}");
