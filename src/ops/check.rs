@@ -51,8 +51,16 @@ pub async fn check(a: &Account) -> Checked {
             c.lines.push(format!("             {hint}"));
         }
         Ok(mut imap) => {
-            c.lines
-                .push(format!("  IMAP       ok: logged in as {:?}", a.username));
+            let how = match &a.auth {
+                crate::config::Auth::Password => String::new(),
+                crate::config::Auth::OAuth2 { mechanism, .. } => {
+                    format!(" with an OAuth2 token ({mechanism:?})")
+                }
+            };
+            c.lines.push(format!(
+                "  IMAP       ok: logged in as {:?}{how}",
+                a.username
+            ));
             let features: Vec<String> = FEATURES
                 .iter()
                 .map(|(cap, _)| format!("{cap} {}", if imap.has(cap) { "yes" } else { "no" }))
@@ -94,10 +102,20 @@ fn connect_hint(a: &Account, e: &ConnectError) -> (i32, String) {
     match e {
         ConnectError::Auth(_) => (
             exit::NOPERM,
-            "the server refused the login: check `username` and the password \
-             (`password`, `password_file` or `password_command`); Gmail and Microsoft 365 \
-             want an app password or OAuth2"
-                .into(),
+            match &a.auth {
+                crate::config::Auth::OAuth2 { token_command, .. } => format!(
+                    "the server refused the token (or the command failed): re-authorise the \
+                     account with the helper `{}` names, and check that its token is for \
+                     `username` and has the provider's IMAP scope",
+                    token_command[0]
+                ),
+                crate::config::Auth::Password => {
+                    "the server refused the login: check `username` and the password \
+                     (`password`, `password_file` or `password_command`); Gmail and Microsoft \
+                     365 want an app password or OAuth2 (`auth`)"
+                        .into()
+                }
+            },
         ),
         ConnectError::Unavailable(inner) => {
             let io = exit::find::<std::io::Error>(inner).map(std::io::Error::kind);

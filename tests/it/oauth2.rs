@@ -66,6 +66,10 @@ fn xoauth2_and_oauthbearer_log_in_to_dovecot_with_a_valid_token() {
             !stderr(&out).contains(&token),
             "{mechanism}: the token was logged"
         );
+        let out = case.run(&["check"]);
+        assert_exit(&out, 0);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(text.contains("with an OAuth2 token"), "{text}");
     }
 }
 
@@ -90,6 +94,15 @@ fn a_refused_token_is_fetched_again_once_and_a_revoked_one_is_a_clear_refusal() 
     assert!(!log.contains(&fresh), "the token was logged: {log}");
     assert_eq!(runs(&case), 4, "one fresh try, not a loop");
     assert_eq!(case.state_of(2), "none");
+    // `check` says what to do about it.
+    let out = case.run(&["check"]);
+    assert_exit(&out, 77);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.contains("re-authorise the account with the helper `sh`"),
+        "{text}"
+    );
+    assert!(!text.contains(&fresh), "the token in check's output");
 }
 
 /// A daemon that logged in keeps its IDLE session when the token it used
