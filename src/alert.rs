@@ -488,14 +488,10 @@ mod tests {
 
     #[test]
     fn the_notice_says_what_and_what_to_do() {
-        let a = crate::config::Config::parse(
-            std::path::Path::new("t.toml"),
+        let a = crate::config::one_account(
             "[accounts.work]\nhost = \"127.0.0.1\"\ntls = \"none\"\nusername = \"u\"\n\
              password = \"p\"\ndeliver = \"smtp://127.0.0.1:25\"\nrecipients = [\"me@x.org\"]\n",
-        )
-        .unwrap()
-        .accounts
-        .remove(0);
+        );
         let mut rows = reconcile(
             vec![],
             &[c(Kind::Failing, ""), c(Kind::Quarantined, "12")],

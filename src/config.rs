@@ -1300,6 +1300,15 @@ fn warn_if_world_readable(path: &Path, text: &str) {
     }
 }
 
+/// The one account `text` defines, for the tests that need an [`Account`].
+#[cfg(test)]
+pub(crate) fn one_account(text: &str) -> Account {
+    Config::parse(std::path::Path::new("t.toml"), text)
+        .unwrap()
+        .accounts
+        .remove(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

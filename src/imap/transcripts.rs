@@ -37,10 +37,7 @@ fn account(extra: &str) -> Account {
         "[accounts.t]\nhost = \"127.0.0.1\"\ntls = \"none\"\nusername = \"u\"\npassword = \"p\\\"w\"\n\
          deliver = \"smtp://127.0.0.1:25\"\nrecipients = [\"me@example.org\"]\n{extra}"
     );
-    crate::config::Config::parse(std::path::Path::new("t.toml"), &text)
-        .unwrap()
-        .accounts
-        .remove(0)
+    crate::config::one_account(&text)
 }
 
 /// One exchange as the server plays it: for each command line it expects
@@ -728,10 +725,7 @@ fn oauth_account(mechanism: &str, dir: &std::path::Path) -> Account {
          auth = \"{mechanism}\"\noauth2_token_command = [\"sh\", \"-c\", {script:?}]\n\
          deliver = \"smtp://127.0.0.1:25\"\nrecipients = [\"me@example.org\"]\n"
     );
-    crate::config::Config::parse(std::path::Path::new("t.toml"), &text)
-        .unwrap()
-        .accounts
-        .remove(0)
+    crate::config::one_account(&text)
 }
 
 fn b64(s: &str) -> String {

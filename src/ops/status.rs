@@ -303,10 +303,7 @@ mod tests {
              deliver = \"smtp://127.0.0.1:25\"\nrecipients = [\"me@example.org\"]\n\
              purge_interval = \"1h\"\n{purge}"
         );
-        crate::config::Config::parse(std::path::Path::new("t.toml"), &text)
-            .unwrap()
-            .accounts
-            .remove(0)
+        crate::config::one_account(&text)
     }
 
     #[test]
