@@ -219,15 +219,6 @@ impl Ledger {
         Ok(())
     }
 
-    /// Records that mail below `uid` was skipped on purpose.
-    pub fn set_skipped_below(&self, account: &str, mailbox: &str, uid: u32) -> Result<()> {
-        self.conn.execute(
-            "UPDATE mailbox SET skipped_below = ?3 WHERE account = ?1 AND mailbox = ?2",
-            params![account, mailbox, uid],
-        )?;
-        Ok(())
-    }
-
     /// Every message row of a mailbox under one UIDVALIDITY, by UID.
     pub fn kept(&self, account: &str, mailbox: &str, uidvalidity: u32) -> Result<Vec<Kept>> {
         let mut st = self.conn.prepare_cached(
