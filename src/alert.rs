@@ -28,21 +28,30 @@ pub enum Kind {
     Stuck,
     /// A message is in the quarantine (the subject is its ID).
     Quarantined,
+    /// The built-in OAuth2 source needs a new authorisation: its refresh
+    /// token was refused, or is about to expire by `refresh_token_lifetime`.
+    Reauthorize,
 }
 
 impl Kind {
+    pub const ALL: [Kind; 4] = [
+        Kind::Failing,
+        Kind::Stuck,
+        Kind::Quarantined,
+        Kind::Reauthorize,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Failing => "failing",
             Kind::Stuck => "stuck",
             Kind::Quarantined => "quarantined",
+            Kind::Reauthorize => "oauth2",
         }
     }
 
     pub fn parse(s: &str) -> Option<Kind> {
-        [Kind::Failing, Kind::Stuck, Kind::Quarantined]
-            .into_iter()
-            .find(|k| k.as_str() == s)
+        Kind::ALL.into_iter().find(|k| k.as_str() == s)
     }
 
     /// Whether its end is told too (a quarantined message leaves the
@@ -201,13 +210,21 @@ pub fn compose(a: &Account, rows: &[Notice], now: i64) -> (String, String) {
                      More: `imapull status --messages --state deferred {name}`."
                 ),
             ),
+            (Kind::Reauthorize, None, None) => (
+                "OAuth2 needs a new authorisation".to_string(),
+                format!(
+                    "Without it imapull cannot log in, and the mail waits on the server.\n  \
+                     Run `imapull oauth2 authorize {name}` on the imapull host, as the user \
+                     imapull runs as, and follow what it prints."
+                ),
+            ),
             (kind, _, Some(end)) => (
                 format!(
                     "{} again",
-                    if kind == Kind::Failing {
-                        "working"
-                    } else {
-                        "delivering"
+                    match kind {
+                        Kind::Failing => "working",
+                        Kind::Reauthorize => "authorised",
+                        _ => "delivering",
                     }
                 ),
                 format!(
@@ -322,12 +339,25 @@ async fn try_evaluate(a: &Account, ledger: &LedgerHandle, now: i64) -> Result<()
         a.alert_after.as_secs() as i64,
         a.stuck_after.as_secs() as i64,
     );
-    let (rows, holds) = ledger
+    let (rows, mut holds) = ledger
         .call(move |l| {
             let holds = l.alert_conditions(&acct, &mailboxes, now, after, stuck)?;
             Ok((l.notices(&acct)?, holds))
         })
         .await?;
+    if let crate::config::Auth::OAuth2 {
+        source: crate::config::TokenSource::Builtin(o),
+        ..
+    } = &a.auth
+    {
+        if let Some(detail) = crate::oauth::report(&a.name, o, now).attention {
+            holds.push(Condition {
+                kind: Kind::Reauthorize,
+                subject: String::new(),
+                detail,
+            });
+        }
+    }
     let before = rows.clone();
     let mut rows = reconcile(rows, &holds, now);
     if rows.iter().any(Notice::to_tell) {

@@ -19,6 +19,9 @@ use toml::Spanned;
 
 use crate::secret::Secret;
 
+mod oauth2;
+pub use oauth2::{Flow, OAuth2, Provider, RawOAuth2};
+
 /// How long a connect, a command or a read may take before the peer is
 /// considered dead. Two minutes is generous for a live IMAP or SMTP server
 /// and short enough that a hung run from a timer is noticed.
@@ -124,6 +127,7 @@ pub struct RawAccount {
     pub password_command: Option<Vec<String>>,
     pub auth: Option<AuthMethod>,
     pub oauth2_token_command: Option<Vec<String>>,
+    pub oauth2: Option<RawOAuth2>,
     pub compress: Option<Compress>,
     pub max_message_size: Option<ByteSize>,
     pub mailboxes: Option<Vec<RawMailbox>>,
@@ -234,11 +238,20 @@ pub enum OAuthMechanism {
 pub enum Auth {
     /// AUTHENTICATE PLAIN or LOGIN, with the account's password.
     Password,
-    /// A bearer token, printed by `oauth2_token_command`.
+    /// A bearer token, from `oauth2_token_command` or the `oauth2` table.
     OAuth2 {
         mechanism: OAuthMechanism,
-        token_command: Vec<String>,
+        source: TokenSource,
     },
+}
+
+/// Where an account's bearer tokens come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    /// A program that prints an access token.
+    Command(Vec<String>),
+    /// imapull's own: the `oauth2` table.
+    Builtin(Box<OAuth2>),
 }
 
 /// When COMPRESS=DEFLATE (RFC 4978) is used, if the server offers it.
@@ -542,18 +555,6 @@ impl Config {
                 path.display()
             )));
         }
-        let mut accounts = Vec::new();
-        for (name, spanned) in raw.accounts {
-            let line = line_of(text, spanned.span().start);
-            let here = |key: &str, msg: String| {
-                ConfigError(format!(
-                    "{}: line {line}: accounts.{name}: `{key}`: {msg}",
-                    path.display()
-                ))
-            };
-            let a = merge(&raw.defaults, spanned.into_inner());
-            accounts.push(resolve_account(&name, a, &here)?);
-        }
         let ledger = match raw.ledger {
             Some(p) => p,
             None => default_ledger_path().ok_or_else(|| {
@@ -564,6 +565,26 @@ impl Config {
                 ))
             })?,
         };
+        let state_dir = ledger.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let mut accounts = Vec::new();
+        for (name, spanned) in raw.accounts {
+            let line = line_of(text, spanned.span().start);
+            let here = |key: &str, msg: String| {
+                ConfigError(format!(
+                    "{}: line {line}: accounts.{name}: `{key}`: {msg}",
+                    path.display()
+                ))
+            };
+            let own = spanned.get_ref();
+            let own_oauth2 = own.oauth2.is_some() || own.oauth2_token_command.is_some();
+            let mut a = merge(&raw.defaults, spanned.into_inner());
+            if !own_oauth2 && a.auth.unwrap_or(AuthMethod::Password) == AuthMethod::Password {
+                // `[defaults]` may set up OAuth2 for the accounts that use it.
+                (a.oauth2, a.oauth2_token_command) = (None, None);
+            }
+            let token_file = state_dir.join("oauth2").join(format!("{name}.json"));
+            accounts.push(resolve_account(&name, a, &token_file, &here)?);
+        }
         let parallel_accounts = match raw.parallel_accounts {
             None => DEFAULT_PARALLEL_ACCOUNTS,
             Some(0) => {
@@ -601,7 +622,12 @@ impl Config {
 /// Account values win over `[defaults]`, key by key.
 fn merge(d: &RawAccount, a: RawAccount) -> RawAccount {
     macro_rules! pick {
-        ($($f:ident),*) => { RawAccount { $($f: a.$f.or_else(|| d.$f.clone()),)* } };
+        ($($f:ident),*) => {
+            RawAccount {
+                $($f: a.$f.or_else(|| d.$f.clone()),)*
+                oauth2: RawOAuth2::merge(d.oauth2.as_ref(), a.oauth2),
+            }
+        };
     }
     pick!(
         host,
@@ -652,6 +678,7 @@ fn merge(d: &RawAccount, a: RawAccount) -> RawAccount {
 fn resolve_account(
     name: &str,
     a: RawAccount,
+    token_file: &Path,
     here: &dyn Fn(&str, String) -> ConfigError,
 ) -> Result<Account, ConfigError> {
     if name.is_empty()
@@ -671,7 +698,7 @@ fn resolve_account(
         Transport::Tunnel => resolve_tunnel(&a, here)?,
         Transport::Tcp => resolve_tcp(&a, here)?,
     };
-    common(name, a, here, reach)
+    common(name, a, token_file, here, reach)
 }
 
 /// How an account reaches its server, and as whom: what the transports
@@ -738,7 +765,8 @@ fn resolve_tcp(
         match password_source(a, here)? {
             Some(_) if oauth => return Err(here(
                 "password",
-                "does not apply with an OAuth2 `auth`: the token comes from oauth2_token_command"
+                "does not apply with an OAuth2 `auth`: the token comes from the `oauth2` table \
+                 or oauth2_token_command"
                     .into(),
             )),
             Some(p) => p,
@@ -848,6 +876,7 @@ fn password_source(
 fn common(
     name: &str,
     a: RawAccount,
+    token_file: &Path,
     here: &dyn Fn(&str, String) -> ConfigError,
     reach: Reach,
 ) -> Result<Account, ConfigError> {
@@ -862,7 +891,7 @@ fn common(
     };
     let limits = resolve_limits(&a, here)?;
     let alert_to = resolve_alert_to(&a, here)?;
-    let auth = resolve_auth(&a, here)?;
+    let auth = resolve_auth(&a, token_file, here)?;
     let Reach {
         host,
         port,
@@ -913,32 +942,46 @@ fn common(
 
 fn resolve_auth(
     a: &RawAccount,
+    token_file: &Path,
     here: &dyn Fn(&str, String) -> ConfigError,
 ) -> Result<Auth, ConfigError> {
     let mechanism = match a.auth.unwrap_or(AuthMethod::Password) {
         AuthMethod::Password => {
-            if a.oauth2_token_command.is_some() {
-                return Err(here(
-                    "oauth2_token_command",
-                    "only with auth = \"xoauth2\" or \"oauthbearer\"".into(),
-                ));
+            for (set, key) in [
+                (a.oauth2_token_command.is_some(), "oauth2_token_command"),
+                (a.oauth2.is_some(), "oauth2"),
+            ] {
+                if set {
+                    return Err(here(
+                        key,
+                        "only with auth = \"xoauth2\" or \"oauthbearer\"".into(),
+                    ));
+                }
             }
             return Ok(Auth::Password);
         }
         AuthMethod::Xoauth2 => OAuthMechanism::Xoauth2,
         AuthMethod::Oauthbearer => OAuthMechanism::Oauthbearer,
     };
-    match a.oauth2_token_command.clone() {
-        Some(c) if !c.is_empty() && !c[0].is_empty() => Ok(Auth::OAuth2 {
-            mechanism,
-            token_command: c,
-        }),
-        _ => Err(here(
-            "oauth2_token_command",
-            "missing: the program that prints an access token, e.g. [\"oauth2-helper\", \"--account\", \"work\"]"
-                .into(),
-        )),
-    }
+    let source = match (a.oauth2_token_command.clone(), &a.oauth2) {
+        (Some(_), Some(_)) => {
+            return Err(here(
+                "oauth2_token_command",
+                "either a token command or an `oauth2` table, not both".into(),
+            ))
+        }
+        (Some(c), None) if !c.is_empty() && !c[0].is_empty() => TokenSource::Command(c),
+        (None, Some(t)) => TokenSource::Builtin(Box::new(oauth2::resolve(t, token_file, here)?)),
+        _ => {
+            return Err(here(
+                "oauth2",
+                "missing: an `[accounts.NAME.oauth2]` table (provider, client_id), or \
+                 `oauth2_token_command`, the program that prints an access token"
+                    .into(),
+            ))
+        }
+    };
+    Ok(Auth::OAuth2 { mechanism, source })
 }
 
 fn resolve_alert_to(
@@ -1233,7 +1276,7 @@ fn line_of(text: &str, offset: usize) -> usize {
         + 1
 }
 
-fn local_hostname() -> String {
+pub fn local_hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .map(|s| s.trim().to_string())
@@ -1383,9 +1426,19 @@ recipients = ["me@example.org"]
             c.accounts[0].auth,
             Auth::OAuth2 {
                 mechanism: OAuthMechanism::Xoauth2,
-                token_command: vec!["helper".into(), "work".into()]
+                source: TokenSource::Command(vec!["helper".into(), "work".into()])
             }
         );
+        // The built-in source, its token file beside the ledger by default.
+        let table = "[accounts.work.oauth2]\nprovider = \"microsoft\"\nclient_id = \"c\"\n";
+        let builtin = MIN.replace("password = \"pw\"", "auth = \"xoauth2\"") + table;
+        match &parse(&builtin).unwrap().accounts[0].auth {
+            Auth::OAuth2 {
+                source: TokenSource::Builtin(o),
+                ..
+            } => assert_eq!(o.token_file, Path::new("/tmp/oauth2/work.json")),
+            other => panic!("{other:?}"),
+        }
         assert_eq!(parse(MIN).unwrap().accounts[0].auth, Auth::Password);
         for (text, key) in [
             // A password beside a token.
@@ -1396,10 +1449,26 @@ recipients = ["me@example.org"]
                 ),
                 "password",
             ),
-            // No token command.
+            // No token source.
             (
                 MIN.replace("password = \"pw\"", "auth = \"oauthbearer\""),
-                "oauth2_token_command",
+                "oauth2",
+            ),
+            // Both token sources.
+            (
+                MIN.replace(
+                    "password = \"pw\"",
+                    "auth = \"xoauth2\"\noauth2_token_command = [\"h\"]",
+                ) + table,
+                "not both",
+            ),
+            // A table without an OAuth2 auth.
+            (MIN.to_string() + table, "oauth2"),
+            // The table's own keys are checked, and named.
+            (
+                MIN.replace("password = \"pw\"", "auth = \"xoauth2\"")
+                    + "[accounts.work.oauth2]\nprovider = \"google\"\n",
+                "oauth2.client_id",
             ),
             // A token command without an OAuth2 auth.
             (
@@ -1416,6 +1485,43 @@ recipients = ["me@example.org"]
                 "{key}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn a_defaults_oauth2_table_serves_the_oauth2_accounts_only() {
+        let text = r#"
+[defaults]
+auth = "xoauth2"
+deliver = "lmtp:///run/dovecot/lmtp"
+recipients = ["me@example.org"]
+[defaults.oauth2]
+provider = "microsoft"
+client_id = "shared"
+
+[accounts.work]
+host = "outlook.office365.com"
+username = "me@example.org"
+[accounts.work.oauth2]
+tenant = "example.org"
+
+[accounts.old]
+host = "imap.example.net"
+username = "me"
+auth = "password"
+password = "pw"
+"#;
+        let c = parse(text).unwrap();
+        match &c.account("work").unwrap().auth {
+            Auth::OAuth2 {
+                source: TokenSource::Builtin(o),
+                ..
+            } => {
+                assert_eq!(o.client_id, "shared");
+                assert!(o.token_url.contains("/example.org/"), "{}", o.token_url);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(c.account("old").unwrap().auth, Auth::Password);
     }
 
     #[test]
@@ -1550,7 +1656,11 @@ recipients = ["b@x", "c@x"]
     fn every_key_is_documented() {
         let doc = include_str!("../docs/configuration.md");
         let mut keys = Vec::new();
-        for text in ["zzz = 1\n", "[accounts.a]\nzzz = 1\n"] {
+        for text in [
+            "zzz = 1\n",
+            "[accounts.a]\nzzz = 1\n",
+            "[accounts.a.oauth2]\nzzz = 1\n",
+        ] {
             let e = toml::from_str::<RawConfig>(text).unwrap_err().to_string();
             let expected = e
                 .split("expected one of")

@@ -11,14 +11,17 @@ pub fn read_password(src: &PasswordSource) -> Result<Secret> {
     match src {
         PasswordSource::None => Ok(Secret::new(String::new())),
         PasswordSource::Inline(s) => Ok(s.clone()),
-        PasswordSource::File(p) => {
-            let p = &expand_credentials(p)?;
-            let s = std::fs::read_to_string(p)
-                .with_context(|| format!("reading password_file {}", p.display()))?;
-            Ok(Secret::new(strip_newline(s)))
-        }
+        PasswordSource::File(p) => secret_from_file("password_file", p),
         PasswordSource::Command(argv) => secret_from_command("password_command", argv),
     }
+}
+
+/// The secret in the file `key` names (its final newline is the file's);
+/// `${CREDENTIALS_DIRECTORY}` in the path is systemd's.
+pub fn secret_from_file(key: &str, p: &std::path::Path) -> Result<Secret> {
+    let p = &expand_credentials(key, p)?;
+    let s = std::fs::read_to_string(p).with_context(|| format!("reading {key} {}", p.display()))?;
+    Ok(Secret::new(strip_newline(s)))
 }
 
 /// What `argv` prints on stdout, without its final newline: a password
@@ -52,7 +55,7 @@ fn strip_newline(mut s: String) -> String {
 
 /// Expands `${CREDENTIALS_DIRECTORY}` (or `$CREDENTIALS_DIRECTORY`) in a
 /// password_file path: where systemd's `LoadCredential=` puts secrets.
-fn expand_credentials(p: &std::path::Path) -> Result<std::path::PathBuf> {
+fn expand_credentials(key: &str, p: &std::path::Path) -> Result<std::path::PathBuf> {
     let s = p.to_string_lossy();
     let pattern = ["${CREDENTIALS_DIRECTORY}", "$CREDENTIALS_DIRECTORY"]
         .into_iter()
@@ -62,7 +65,7 @@ fn expand_credentials(p: &std::path::Path) -> Result<std::path::PathBuf> {
     };
     let dir = std::env::var("CREDENTIALS_DIRECTORY").map_err(|_| {
         anyhow!(
-            "password_file {s:?} names $CREDENTIALS_DIRECTORY, but CREDENTIALS_DIRECTORY is not set \
+            "{key} {s:?} names $CREDENTIALS_DIRECTORY, but CREDENTIALS_DIRECTORY is not set \
              (it is set by systemd's LoadCredential=)"
         )
     })?;

@@ -22,6 +22,7 @@ pub mod ledger;
 pub mod lock;
 pub mod metrics;
 pub mod net;
+pub mod oauth;
 pub mod ops;
 pub mod progress;
 pub mod pull;

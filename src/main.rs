@@ -59,6 +59,25 @@ enum Import {
 }
 
 #[derive(Subcommand)]
+enum OAuth2 {
+    /// The first authorisation of an account with an `oauth2` table, or a
+    /// new one when the provider refused its refresh token: prints a URL
+    /// (and for the device flow, a code) to open in a browser on any
+    /// machine, waits, and writes the token file.
+    Authorize {
+        account: String,
+        /// The loopback port the provider sends the browser back to, for
+        /// the authorisation-code flow (Google); any free one when not
+        /// given. Fix it to forward it over SSH before you start.
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+        /// How long to wait for the browser.
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        wait: std::time::Duration,
+    },
+}
+
+#[derive(Subcommand)]
 enum Quarantine {
     /// The quarantined messages, oldest first, with the IDs the other
     /// actions take.
@@ -143,6 +162,12 @@ enum Command {
     Quarantine {
         #[command(subcommand)]
         action: Quarantine,
+    },
+    /// OAuth2 (accounts with an `oauth2` table).
+    #[command(name = "oauth2")]
+    OAuth2 {
+        #[command(subcommand)]
+        action: OAuth2,
     },
     /// Remove remote copies whose retention (purge_after) has passed, now.
     Purge {
@@ -314,6 +339,32 @@ fn real_main(cli: Cli) -> i32 {
             let mut out = std::io::stdout().lock();
             let now = imapull::system_now();
             imapull::ops::baseline::baseline(&mut out, &config, a, mailbox.as_deref(), now).await?;
+            Ok(exit::OK)
+        })),
+        Command::OAuth2 {
+            action:
+                OAuth2::Authorize {
+                    account,
+                    port,
+                    wait,
+                },
+        } => finish(rt.block_on(async {
+            imapull::check_accounts(&config, std::slice::from_ref(&account))?;
+            let a = config.account(&account).expect("checked");
+            let imapull::config::Auth::OAuth2 {
+                source: imapull::config::TokenSource::Builtin(o),
+                ..
+            } = &a.auth
+            else {
+                anyhow::bail!(
+                    "the account {account} has no `oauth2` table in {}: nothing to authorise \
+                     (an oauth2_token_command's helper has its own way)",
+                    config.path.display()
+                );
+            };
+            let opts = imapull::oauth::authorize::Options { port, wait };
+            let mut out = std::io::stdout();
+            imapull::oauth::authorize::authorize(&mut out, a, o, &opts).await?;
             Ok(exit::OK)
         })),
         Command::Daemon => rt.block_on(daemon(path, config)),

@@ -6,7 +6,10 @@
 
 use std::fmt;
 
-#[derive(Clone, PartialEq, Eq)]
+/// Serialised as the plain string: only into files that are themselves
+/// secret (the OAuth2 token file, 0600).
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
 pub struct Secret(String);
 
 impl Secret {

@@ -17,7 +17,7 @@ use super::conn::{quoted, Conn, Done, ImapError, Part, Step};
 use super::response::{Code, Data, Response, Status};
 use super::Imap;
 use crate::config::{
-    Account, Auth, Compress, Connect, OAuthMechanism, PasswordSource, Proxy, TlsMode,
+    Account, Auth, Compress, Connect, OAuthMechanism, PasswordSource, Proxy, TlsMode, TokenSource,
 };
 use crate::credentials::read_password;
 use crate::net::{connect_each, resolve, timed, BoxIo, IdleTimeout, WireStats};
@@ -223,12 +223,8 @@ async fn login(
             "{peer} refuses to log in (LOGINDISABLED) on this connection"
         )));
     }
-    if let Auth::OAuth2 {
-        mechanism,
-        token_command,
-    } = &account.auth
-    {
-        return oauth_login(account, conn, caps, *mechanism, token_command).await;
+    if let Auth::OAuth2 { mechanism, source } = &account.auth {
+        return oauth_login(account, conn, caps, *mechanism, source).await;
     }
     if matches!(account.password, PasswordSource::None) {
         return Err(ConnectError::Auth(anyhow!(
@@ -263,17 +259,17 @@ async fn login(
     })
 }
 
-/// AUTHENTICATE XOAUTH2 or OAUTHBEARER with the token that
-/// `oauth2_token_command` prints. A refused token is asked for again once
-/// (the command may refresh it) and tried again on the same connection
-/// before the login counts as refused; the server's failure report (base64
-/// JSON) is decoded into the error.
+/// AUTHENTICATE XOAUTH2 or OAUTHBEARER with a token from the account's
+/// source. A refused token is asked for again once (the command may refresh
+/// it; the built-in source refreshes it) and tried again on the same
+/// connection before the login counts as refused; the server's failure
+/// report (base64 JSON) is decoded into the error.
 async fn oauth_login(
     account: &Account,
     conn: &mut Conn,
     caps: &HashSet<String>,
     mechanism: OAuthMechanism,
-    token_command: &[String],
+    source: &TokenSource,
 ) -> Result<Option<HashSet<String>>, ConnectError> {
     let peer = conn.peer.clone();
     let name = match mechanism {
@@ -296,15 +292,9 @@ async fn oauth_login(
     }
     conn.use_capabilities(caps);
     let mut refused = None;
+    let mut refused_token = None;
     for attempt in 0..2 {
-        let token = crate::credentials::secret_from_command("oauth2_token_command", token_command)
-            .map_err(ConnectError::Auth)?;
-        if token.expose().is_empty() {
-            return Err(ConnectError::Auth(anyhow!(
-                "oauth2_token_command {:?} printed no token",
-                token_command[0]
-            )));
-        }
+        let token = bearer_token(account, source, refused_token.as_ref()).await?;
         let response = oauth_response(
             mechanism,
             &account.username,
@@ -332,11 +322,13 @@ async fn oauth_login(
                     account.username
                 )));
                 if attempt == 0 {
-                    tracing::info!(
-                        peer,
-                        "{name} token refused; asking oauth2_token_command for a fresh one"
-                    );
+                    let from = match source {
+                        TokenSource::Command(_) => "oauth2_token_command",
+                        TokenSource::Builtin(_) => "the token endpoint",
+                    };
+                    tracing::info!(peer, "{name} token refused; asking {from} for a fresh one");
                 }
+                refused_token = Some(token);
             }
             Err((e, _)) => {
                 return Err(ConnectError::Unavailable(
@@ -346,6 +338,42 @@ async fn oauth_login(
         }
     }
     Err(ConnectError::Auth(refused.expect("two refusals")))
+}
+
+/// An access token from the account's source: the command (run off the
+/// async threads), or the built-in source, which refreshes `refused`.
+async fn bearer_token(
+    account: &Account,
+    source: &TokenSource,
+    refused: Option<&Secret>,
+) -> Result<Secret, ConnectError> {
+    match source {
+        TokenSource::Command(argv) => {
+            let argv = argv.clone();
+            let token = tokio::task::spawn_blocking(move || {
+                crate::credentials::secret_from_command("oauth2_token_command", &argv)
+                    .map(|t| (t, argv))
+            })
+            .await
+            .map_err(|e| ConnectError::Auth(e.into()))?
+            .map_err(ConnectError::Auth)?;
+            if token.0.expose().is_empty() {
+                return Err(ConnectError::Auth(anyhow!(
+                    "oauth2_token_command {:?} printed no token",
+                    token.1[0]
+                )));
+            }
+            Ok(token.0)
+        }
+        TokenSource::Builtin(cfg) => {
+            crate::oauth::access_token(&account.name, cfg, refused, crate::system_now())
+                .await
+                .map_err(|e| match e {
+                    crate::oauth::TokenError::Reauthorize(e) => ConnectError::Auth(e),
+                    crate::oauth::TokenError::Unavailable(e) => ConnectError::Unavailable(e),
+                })
+        }
+    }
 }
 
 /// The initial response of XOAUTH2 (Google's and Microsoft's) or

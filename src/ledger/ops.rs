@@ -461,10 +461,7 @@ impl Ledger {
     pub fn save_notices(&mut self, account: &str, rows: &[Notice]) -> Result<()> {
         let tx = self.conn.transaction()?;
         {
-            let kinds: Vec<&str> = [Kind::Failing, Kind::Stuck, Kind::Quarantined]
-                .iter()
-                .map(|k| k.as_str())
-                .collect();
+            let kinds: Vec<&str> = Kind::ALL.iter().map(|k| k.as_str()).collect();
             for k in kinds {
                 tx.execute(
                     "DELETE FROM notice WHERE account = ?1 AND kind = ?2",

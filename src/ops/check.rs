@@ -6,7 +6,7 @@
 
 use std::io::Write;
 
-use crate::config::{Account, TlsMode};
+use crate::config::{Account, TlsMode, TokenSource};
 use crate::deliver::reply::Extensions;
 use crate::deliver::Sessions;
 use crate::exit;
@@ -44,6 +44,7 @@ pub async fn check(a: &Account) -> Checked {
         lines: vec![format!("{}: {}", a.name, describe(a))],
         code: exit::OK,
     };
+    oauth_lines(&mut c, a);
     match Imap::connect(a).await {
         Err(e) => {
             let (code, hint) = connect_hint(a, &e);
@@ -80,6 +81,39 @@ pub async fn check(a: &Account) -> Checked {
     c
 }
 
+/// The built-in OAuth2 source: what the token file says (no token).
+fn oauth_lines(c: &mut Checked, a: &Account) {
+    let crate::config::Auth::OAuth2 {
+        source: TokenSource::Builtin(o),
+        ..
+    } = &a.auth
+    else {
+        return;
+    };
+    let at = |t: Option<i64>| t.map_or("-".to_string(), crate::ops::status::rfc3339);
+    let r = crate::oauth::report(&a.name, o, crate::system_now());
+    c.lines.push(format!(
+        "  OAuth2     {} flow, token file {}",
+        o.flow.as_str(),
+        r.token_file.display()
+    ));
+    if r.authorized_at.is_some() {
+        c.lines.push(format!(
+            "             authorised {}, last refreshed {}, access token until {}{}",
+            at(r.authorized_at),
+            at(r.refreshed_at),
+            at(r.access_expires_at),
+            r.refresh_expires_at.map_or(String::new(), |e| format!(
+                ", refresh token until {}",
+                at(Some(e))
+            ))
+        ));
+    }
+    if let Some(w) = r.attention {
+        c.lines.push(format!("             WARNING: {w}"));
+    }
+}
+
 fn describe(a: &Account) -> String {
     match &a.connect {
         crate::config::Connect::Tunnel { command, .. } => format!("tunnel {}", command.join(" ")),
@@ -103,11 +137,30 @@ fn connect_hint(a: &Account, e: &ConnectError) -> (i32, String) {
         ConnectError::Auth(_) => (
             exit::NOPERM,
             match &a.auth {
-                crate::config::Auth::OAuth2 { token_command, .. } => format!(
+                crate::config::Auth::OAuth2 {
+                    source: TokenSource::Command(argv),
+                    ..
+                } => format!(
                     "the server refused the token (or the command failed): re-authorise the \
                      account with the helper `{}` names, and check that its token is for \
                      `username` and has the provider's IMAP scope",
-                    token_command[0]
+                    argv[0]
+                ),
+                crate::config::Auth::OAuth2 {
+                    source: TokenSource::Builtin(o),
+                    ..
+                } if o.flow == crate::config::Flow::ClientCredentials => {
+                    "the provider or the server refused the app-only token: check client_id, \
+                     the client secret (they expire), the tenant, that the application has the \
+                     IMAP.AccessAsApp permission with an administrator's consent, and that the \
+                     mailbox was granted to its service principal (Add-MailboxPermission)"
+                        .into()
+                }
+                crate::config::Auth::OAuth2 { .. } => format!(
+                    "the provider or the server refused the token: authorise again with \
+                     {}, signing in as `username`, and check that the application may use \
+                     the provider's IMAP scope",
+                    crate::oauth::reauthorize_hint(&a.name)
                 ),
                 crate::config::Auth::Password => {
                     "the server refused the login: check `username` and the password \

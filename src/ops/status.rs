@@ -27,7 +27,44 @@ pub struct AccountStatus {
     pub name: String,
     /// The process pulling the account now, if any.
     pub held_by: Option<HeldBy>,
+    /// The built-in OAuth2 source's authorisation, if the account has one.
+    pub oauth2: Option<OAuth2Status>,
     pub mailboxes: Vec<MailboxStatus>,
+}
+
+/// What the token file says (never a token).
+#[derive(Debug, Serialize, PartialEq)]
+pub struct OAuth2Status {
+    pub flow: &'static str,
+    pub token_file: String,
+    pub authorized_at: Option<String>,
+    pub refreshed_at: Option<String>,
+    pub access_token_expires_at: Option<String>,
+    /// By the config's `refresh_token_lifetime`.
+    pub refresh_token_expires_at: Option<String>,
+    /// What needs the operator (a refused refresh token, one about to
+    /// expire, no authorisation yet), with the command that helps.
+    pub attention: Option<String>,
+}
+
+fn oauth2_status(a: &Account, now: i64) -> Option<OAuth2Status> {
+    let crate::config::Auth::OAuth2 {
+        source: crate::config::TokenSource::Builtin(o),
+        ..
+    } = &a.auth
+    else {
+        return None;
+    };
+    let r = crate::oauth::report(&a.name, o, now);
+    Some(OAuth2Status {
+        flow: o.flow.as_str(),
+        token_file: r.token_file.display().to_string(),
+        authorized_at: r.authorized_at.map(rfc3339),
+        refreshed_at: r.refreshed_at.map(rfc3339),
+        access_token_expires_at: r.access_expires_at.map(rfc3339),
+        refresh_token_expires_at: r.refresh_expires_at.map(rfc3339),
+        attention: r.attention,
+    })
 }
 
 #[derive(Debug, Serialize)]
@@ -109,6 +146,7 @@ pub fn gather(config: &Config, ledger: &Ledger, only: &[String], now: i64) -> Re
         accounts.push(AccountStatus {
             name: a.name.clone(),
             held_by,
+            oauth2: oauth2_status(a, now),
             mailboxes,
         });
     }
@@ -216,6 +254,24 @@ pub fn print(out: &mut impl Write, r: &Report, now: i64) -> std::io::Result<()> 
             }
             Some(h) => writeln!(out, "{}: being pulled now (pid {})", a.name, h.pid)?,
             None => writeln!(out, "{}: no imapull process holds it now", a.name)?,
+        }
+        if let Some(o) = &a.oauth2 {
+            let mut line = format!(
+                "  oauth2: {} flow, authorised {}, refreshed {}",
+                o.flow,
+                when(&o.authorized_at, now),
+                when(&o.refreshed_at, now)
+            );
+            if o.refresh_token_expires_at.is_some() {
+                line.push_str(&format!(
+                    ", refresh token until {}",
+                    when(&o.refresh_token_expires_at, now)
+                ));
+            }
+            writeln!(out, "{line}")?;
+            if let Some(w) = &o.attention {
+                writeln!(out, "  oauth2 NEEDS YOU: {w}")?;
+            }
         }
         for m in &a.mailboxes {
             print_mailbox(out, &a.name, m, now)?;
