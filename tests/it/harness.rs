@@ -102,6 +102,21 @@ pub fn revoke_token(token: &str) {
     TOKENS.lock().unwrap().remove(token);
 }
 
+/// Token files to read when Dovecot asks about a token of their user: what
+/// they held when the token was first used.
+static WATCHED: Mutex<BTreeMap<String, PathBuf>> = Mutex::new(BTreeMap::new());
+static AT_USE: Mutex<BTreeMap<String, String>> = Mutex::new(BTreeMap::new());
+
+/// From now on, `path` is read each time a token of `user` is used.
+pub fn watch_token_file(user: &str, path: &Path) {
+    WATCHED.lock().unwrap().insert(user.into(), path.into());
+}
+
+/// What the watched token file held when `token` was first used.
+pub fn token_file_at_use(token: &str) -> Option<String> {
+    AT_USE.lock().unwrap().get(token).cloned()
+}
+
 /// The token-introspection endpoint Dovecot asks (RFC 7662, by POST): a
 /// thread on 127.0.0.1 answering from [`TOKENS`]. Returns its port.
 fn start_introspection() -> u16 {
@@ -131,7 +146,15 @@ fn start_introspection() -> u16 {
                 .replace("%2B", "+")
                 .replace("%2F", "/")
                 .replace("%3D", "=");
-            let json = match TOKENS.lock().unwrap().get(&token) {
+            let user = TOKENS.lock().unwrap().get(&token).cloned();
+            if let Some(path) = user
+                .as_ref()
+                .and_then(|u| WATCHED.lock().unwrap().get(u).cloned())
+            {
+                let text = std::fs::read_to_string(path).unwrap_or_default();
+                AT_USE.lock().unwrap().entry(token.clone()).or_insert(text);
+            }
+            let json = match user {
                 Some(user) => format!("{{\"active\":\"true\",\"username\":\"{user}\"}}"),
                 None => "{\"active\":\"false\"}".to_string(),
             };

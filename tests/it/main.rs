@@ -4,6 +4,7 @@
 
 mod fake;
 mod harness;
+mod provider;
 
 mod alerts;
 mod compress;
@@ -13,6 +14,7 @@ mod imap_faults;
 mod kill;
 mod metrics;
 mod oauth2;
+mod oauth2_builtin;
 mod ops;
 mod pull;
 mod purge;
