@@ -157,9 +157,9 @@ fn connect_hint(a: &Account, e: &ConnectError) -> (i32, String) {
                         .into()
                 }
                 crate::config::Auth::OAuth2 { .. } => format!(
-                    "the provider or the server refused the token: authorise again with \
-                     {}, signing in as `username`, and check that the application may use \
-                     the provider's IMAP scope",
+                    "authorise the account (again) with {}, signing in as `username`; if \
+                     that does not help, check that the application may use the provider's \
+                     IMAP scope and that IMAP is on for the mailbox",
                     crate::oauth::reauthorize_hint(&a.name)
                 ),
                 crate::config::Auth::Password => {

@@ -120,24 +120,12 @@ pub fn token_file_at_use(token: &str) -> Option<String> {
 /// The token-introspection endpoint Dovecot asks (RFC 7662, by POST): a
 /// thread on 127.0.0.1 answering from [`TOKENS`]. Returns its port.
 fn start_introspection() -> u16 {
-    use std::io::{BufRead as _, Read as _, Write as _};
+    use std::io::Write as _;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     std::thread::spawn(move || {
         for s in listener.incoming().flatten() {
-            let mut r = std::io::BufReader::new(s.try_clone().unwrap());
-            let mut len = 0usize;
-            loop {
-                let mut line = String::new();
-                if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                    break;
-                }
-                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                    len = v.trim().parse().unwrap_or(0);
-                }
-            }
-            let mut body = vec![0; len];
-            let _ = r.read_exact(&mut body);
+            let (_, body) = read_http_request(&s);
             let body = String::from_utf8_lossy(&body).into_owned();
             let token = body
                 .split('&')
@@ -168,6 +156,48 @@ fn start_introspection() -> u16 {
         }
     });
     port
+}
+
+/// One HTTP/1.1 request from `s`: its request line and its body (by
+/// Content-Length).
+pub fn read_http_request(s: &std::net::TcpStream) -> (String, Vec<u8>) {
+    use std::io::{BufRead as _, Read as _};
+    let mut r = std::io::BufReader::new(s.try_clone().unwrap());
+    let mut first = String::new();
+    let _ = r.read_line(&mut first);
+    let mut len = 0usize;
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+            break;
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            len = v.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut body = vec![0; len];
+    let _ = r.read_exact(&mut body);
+    (first, body)
+}
+
+/// Takes the password out of a case's config (an OAuth2 account has none).
+pub fn drop_password(case: &Case) {
+    let text = std::fs::read_to_string(&case.config).unwrap();
+    let text: String = text
+        .lines()
+        .filter(|l| !l.starts_with("password_file"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&case.config, text).unwrap();
+}
+
+/// A pseudo-random number below `max`, from the clock.
+pub fn pseudo_random(max: u64) -> u64 {
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64;
+    (n.wrapping_mul(6364136223846793005) >> 20) % max
 }
 
 /// A unique number for this test binary run.

@@ -2,20 +2,12 @@
 //! at most the message in flight each time.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use crate::harness::*;
 
 const MESSAGES: u32 = 500;
 const KILLS: u32 = 5;
-
-fn pseudo_random(max_ms: u64) -> u64 {
-    let n = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos() as u64;
-    (n.wrapping_mul(6364136223846793005) >> 20) % max_ms
-}
 
 #[test]
 fn kill_9_at_random_moments_loses_nothing() {

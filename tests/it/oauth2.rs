@@ -23,13 +23,7 @@ fn oauth_case(mechanism: &str, tokens: &[&str]) -> Case {
     );
     let case = Case::for_user(user, &smtp(), &[&rcpt], &extra);
     // No password with OAuth2.
-    let text = std::fs::read_to_string(&case.config).unwrap();
-    let text: String = text
-        .lines()
-        .filter(|l| !l.starts_with("password_file"))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    std::fs::write(&case.config, text).unwrap();
+    drop_password(&case);
     std::fs::write(
         case.dir.join("oauth2-dir"),
         dir.to_string_lossy().as_bytes(),

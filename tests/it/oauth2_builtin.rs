@@ -31,13 +31,7 @@ fn builtin_case(provider: &Provider, mechanism: &str, flow: &str, extra: &str) -
         &[&rcpt],
         &format!("initial = \"all\"\nauth = \"{mechanism}\"\n{extra}\n{table}"),
     );
-    let text = std::fs::read_to_string(&case.config).unwrap();
-    let text: String = text
-        .lines()
-        .filter(|l| !l.starts_with("password_file"))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    std::fs::write(&case.config, text).unwrap();
+    drop_password(&case);
     // The default place: beside the ledger.
     let token_file = case.dir.join("oauth2").join(format!("{}.json", case.user));
     (case, token_file)
@@ -186,7 +180,7 @@ fn a_revoked_refresh_token_is_one_clear_error_one_notice_and_no_loop() {
     assert_exit(&out, 77);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
-        text.contains("authorise again with `imapull oauth2 authorize"),
+        text.contains("authorise the account (again) with `imapull oauth2 authorize"),
         "{text}"
     );
     // A new authorisation (device flow) ends it: mail flows, and the owner
@@ -397,15 +391,6 @@ fn client_credentials_log_in_without_a_user_and_a_bad_secret_is_named() {
     assert!(!log.contains("wrong"), "{log}");
 }
 
-/// A pseudo-random number below `max` from the clock.
-fn jitter(max: u64) -> u64 {
-    let n = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos() as u64;
-    (n.wrapping_mul(6364136223846793005) >> 20) % max
-}
-
 #[test]
 fn kill_9_during_rotation_never_leaves_a_dead_token_file() {
     let provider = Provider::start("");
@@ -427,7 +412,7 @@ fn kill_9_during_rotation_never_leaves_a_dead_token_file() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(30 + jitter(400)));
+        std::thread::sleep(Duration::from_millis(30 + pseudo_random(400)));
         if child.try_wait().unwrap().is_none() {
             // SAFETY: our own child's PID.
             unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };

@@ -8,13 +8,13 @@
 //! used.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead as _, Read as _, Write as _};
+use std::io::Write as _;
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::harness::{grant_token, unique};
+use crate::harness::{grant_token, read_http_request, unique};
 
 #[derive(Default)]
 pub struct State {
@@ -127,23 +127,10 @@ impl Drop for Provider {
 }
 
 fn serve(s: TcpStream, state: &Mutex<State>, port: u16) {
-    let mut r = std::io::BufReader::new(s.try_clone().unwrap());
-    let mut first = String::new();
-    if r.read_line(&mut first).unwrap_or(0) == 0 {
+    let (first, body) = read_http_request(&s);
+    if first.is_empty() {
         return;
     }
-    let mut len = 0usize;
-    loop {
-        let mut line = String::new();
-        if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-            break;
-        }
-        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-            len = v.trim().parse().unwrap_or(0);
-        }
-    }
-    let mut body = vec![0; len];
-    let _ = r.read_exact(&mut body);
     let form: BTreeMap<String, String> = oauth2::url::form_urlencoded::parse(&body)
         .into_owned()
         .collect();
