@@ -364,8 +364,14 @@ fn real_main(cli: Cli) -> i32 {
             };
             let opts = imapull::oauth::authorize::Options { port, wait };
             let mut out = std::io::stdout();
-            imapull::oauth::authorize::authorize(&mut out, a, o, &opts).await?;
-            Ok(exit::OK)
+            match imapull::oauth::authorize::authorize(&mut out, a, o, &opts).await {
+                Ok(()) => Ok(exit::OK),
+                // Declined, timed out, refused: not authorised (EX_NOPERM).
+                Err(e) => {
+                    eprintln!("imapull: {e:#}");
+                    Ok(exit::for_error(&e, exit::NOPERM))
+                }
+            }
         })),
         Command::Daemon => rt.block_on(daemon(path, config)),
         Command::Purge {

@@ -438,3 +438,50 @@ fn kill_9_during_rotation_never_leaves_a_dead_token_file() {
     assert_exit(&out, 0);
     assert_eq!(case.state_of(1), "delivered");
 }
+
+/// The daemon keeps its IDLE session across the access token's expiry (no
+/// new token until a reconnect), and a reconnect gets a fresh token.
+#[test]
+fn the_daemon_idles_across_expiry_and_refreshes_for_a_reconnect() {
+    let provider = Provider::start("");
+    // An access token with just over a minute: stale for imapull a moment
+    // after it came.
+    provider.with(|s| {
+        s.rotate = true;
+        s.expires_in = 62;
+    });
+    let (case, token_file) = builtin_case(&provider, "xoauth2", "device", "");
+    seed(&token_file, &provider.seed_refresh_token());
+    let d = crate::daemon::Daemon::start(&case);
+    d.wait_log("pass done", 1);
+    assert_eq!(provider.grants().len(), 1);
+    // The token expires: Dovecot would refuse it now.
+    let first = provider.with(|s| s.issued[0].0.clone());
+    revoke_token(&first);
+    drop_message(&case.user, 1, &message(1, "bob@remote.test", "late"), false);
+    d.wait_log("delivered mailbox", 1);
+    assert_eq!(
+        provider.grants().len(),
+        1,
+        "the IDLE session needed no token"
+    );
+    // The server drops the session; the reconnect refreshes and logs in.
+    std::thread::sleep(Duration::from_secs(3));
+    doveadm(&["kick", &case.user]);
+    drop_message(
+        &case.user,
+        2,
+        &message(2, "bob@remote.test", "later"),
+        false,
+    );
+    d.wait_log("delivered mailbox", 2);
+    assert_eq!(provider.grants().len(), 2, "{:?}", provider.grants());
+    assert_eq!(case.state_of(2), "delivered");
+    let (code, log) = d.stop();
+    assert_eq!(code, Some(0), "{log}");
+    let tokens = provider.with(|s| s.issued.clone());
+    for (at, rt) in tokens {
+        assert!(!log.contains(&at), "a token in the log");
+        assert!(rt.is_none_or(|rt| !log.contains(&rt)), "a token in the log");
+    }
+}
