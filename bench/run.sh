@@ -3,10 +3,12 @@
 # mailbox over IMAPS from a throwaway Dovecot into the same receiver
 # (Postfix's smtp-sink), on 127.0.0.1; plus PullIMAP with TCP_NODELAY forced
 # by an LD_PRELOAD shim (pullimap-nd, bench/nodelay.c), and the limit, a
-# bare client that issues one UID FETCH 1:* and discards the bytes; imapull-2s
-# is imapull with two delivery sessions, imapull-base another build of imapull
-# named by IMAPULL_BASE (before/after a change; BENCH_TOOLS picks tools). As
-# root on Debian:
+# bare client that issues one UID FETCH 1:* and discards the bytes, and the
+# end-to-end limit (e2e), a bare client that streams that FETCH into one
+# pipelined SMTP session with no ledger. imapull-2s is imapull with two
+# delivery sessions, imapull-grouped and imapull-msg imapull with each
+# durability, imapull-base another build of imapull named by IMAPULL_BASE
+# (before/after a change; BENCH_TOOLS picks tools). As root on Debian:
 #
 #   bench/run.sh [N] [RUNS] [MIX]     default: 1000 messages, 3 runs, realistic
 #   bench/run.sh memory               peak RSS: a 50 MB message among small
@@ -113,9 +115,12 @@ initial = "all"
 compress = ${COMPRESS:-\"auto\"}
 CONF
     chmod 600 "$work/imapull.toml"
-    # imapull-2s: two delivery sessions instead of the default one.
+    # imapull-2s: two delivery sessions instead of the default one;
+    # imapull-grouped and imapull-msg: each durability, whatever the default.
     sed 's/^compress = .*/&\ndelivery_sessions = 2/' "$work/imapull.toml" > "$work/imapull-2s.toml"
-    chmod 600 "$work/imapull-2s.toml"
+    sed 's/^compress = .*/&\ndurability = "grouped"/' "$work/imapull.toml" > "$work/imapull-grouped.toml"
+    sed 's/^compress = .*/&\ndurability = "message"/' "$work/imapull.toml" > "$work/imapull-msg.toml"
+    chmod 600 "$work"/imapull-*.toml
     cat > "$work/pullimap.conf" <<CONF
 [bench]
 type = imaps
@@ -147,9 +152,9 @@ run_tool() {
             rm -f "$work"/ledger.sqlite3*
             timed "$imapull" --config "$work/imapull.toml" -q run
             ;;
-        imapull-2s)
+        imapull-2s | imapull-grouped | imapull-msg)
             rm -f "$work"/ledger.sqlite3*
-            timed "$imapull" --config "$work/imapull-2s.toml" -q run
+            timed "$imapull" --config "$work/$1.toml" -q run
             ;;
         imapull-base)
             # Another build of imapull (IMAPULL_BASE=path), the same config:
@@ -174,6 +179,9 @@ run_tool() {
         limit)
             timed "$tools" barefetch localhost "$IMAPS_PORT" "$user" secret "$CA_FILE"
             ;;
+        e2e)
+            timed "$tools" pipe localhost "$IMAPS_PORT" "$user" secret "$CA_FILE" "127.0.0.1:$sink_port"
+            ;;
     esac
 }
 
@@ -188,9 +196,9 @@ bench() {
     local bytes
     bytes=$(awk '{print $3}' "$work/seed")
     write_configs
-    printf '\n%-10s %9s %8s %8s %8s %9s %9s %9s\n' tool msgs/s MB/s wall_s cpu_s rss_MB "x imapull" "x limit"
+    printf '\n%-15s %9s %8s %8s %8s %9s %9s %9s %9s\n' tool msgs/s MB/s wall_s cpu_s rss_MB "x imapull" "x limit" "x e2e"
     declare -A rate
-    for tool in limit "$@"; do
+    for tool in limit e2e "$@"; do
         : > "$work/runs"
         for _ in $(seq 1 "$runs"); do
             restore
@@ -214,8 +222,10 @@ bench() {
         [[ -n ${rate[imapull]:-} ]] && vs_imapull=$(awk -v a="${rate[$tool]}" -v b="${rate[imapull]}" 'BEGIN {printf "%.3f", a / b}')
         local vs_limit
         vs_limit=$(awk -v a="${rate[$tool]}" -v b="${rate[limit]}" 'BEGIN {printf "%.3f", a / b}')
-        printf '%-10s %9s %8s %8s %8s %9s %9s %9s\n' "$tool" "${rate[$tool]}" "$mbs" "$wall" "$cpu" \
-            "$(awk -v k="$rss" 'BEGIN {printf "%.1f", k / 1024}')" "$vs_imapull" "$vs_limit"
+        local vs_e2e="-"
+        [[ -n ${rate[e2e]:-} ]] && vs_e2e=$(awk -v a="${rate[$tool]}" -v b="${rate[e2e]}" 'BEGIN {printf "%.3f", a / b}')
+        printf '%-15s %9s %8s %8s %8s %9s %9s %9s %9s\n' "$tool" "${rate[$tool]}" "$mbs" "$wall" "$cpu" \
+            "$(awk -v k="$rss" 'BEGIN {printf "%.1f", k / 1024}')" "$vs_imapull" "$vs_limit" "$vs_e2e"
     done
 }
 

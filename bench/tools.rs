@@ -8,6 +8,12 @@
 //! - `barefetch HOST PORT USER PASSWORD CAFILE`: the limit. Logs in over
 //!   TLS, selects INBOX, issues one `UID FETCH 1:* BODY.PEEK[]` and reads
 //!   the answer to the end, discarding it. Prints messages and bytes.
+//! - `pipe HOST PORT USER PASSWORD CAFILE SMTPHOST:PORT`: the end-to-end
+//!   limit of an IMAP-to-SMTP pipe on this machine. The same FETCH, its
+//!   messages streamed into one pipelined SMTP session (MAIL, RCPT and DATA
+//!   sent together, the body after the 354, the next message's commands
+//!   right after the "." without waiting for its 250), with no ledger and
+//!   no per-message work beyond dot-stuffing.
 
 use std::io::Write;
 use std::path::Path;
@@ -135,7 +141,32 @@ fn seed(dir: &Path, n: u64, seed: u64, mix: &str) -> std::io::Result<()> {
     Ok(())
 }
 
-async fn barefetch(host: &str, port: u16, user: &str, pass: &str, ca: &str) -> anyhow::Result<()> {
+type Imap = tokio::io::BufStream<tokio_native_tls::TlsStream<tokio::net::TcpStream>>;
+
+/// Reads until `tag` has been seen; the bytes read.
+async fn until<S: tokio::io::AsyncRead + Unpin>(
+    s: &mut S,
+    buf: &mut [u8],
+    tag: &[u8],
+) -> anyhow::Result<u64> {
+    let mut tail: Vec<u8> = Vec::new();
+    let mut total = 0u64;
+    loop {
+        let n = s.read(buf).await?;
+        anyhow::ensure!(n > 0, "connection closed");
+        total += n as u64;
+        tail.extend_from_slice(&buf[..n]);
+        if tail.windows(tag.len()).any(|w| w == tag) {
+            return Ok(total);
+        }
+        let keep = tail.len().saturating_sub(tag.len());
+        tail.drain(..keep);
+    }
+}
+
+/// TLS, the greeting, LOGIN and SELECT INBOX (small answers, read until
+/// the tag).
+async fn login(host: &str, port: u16, user: &str, pass: &str, ca: &str) -> anyhow::Result<Imap> {
     let tcp = tokio::net::TcpStream::connect((host, port)).await?;
     tcp.set_nodelay(true)?;
     let cert = native_tls::Certificate::from_pem(&std::fs::read(ca)?)?;
@@ -146,38 +177,152 @@ async fn barefetch(host: &str, port: u16, user: &str, pass: &str, ca: &str) -> a
         .connect(host, tcp)
         .await?;
     let mut s = tokio::io::BufStream::with_capacity(256 * 1024, 256 * 1024, tls);
-    let mut buf = vec![0u8; 256 * 1024];
-    // Greeting, LOGIN, SELECT: small answers, read until the tag.
-    async fn until<S: tokio::io::AsyncRead + Unpin>(
-        s: &mut S,
-        buf: &mut [u8],
-        tag: &[u8],
-    ) -> anyhow::Result<u64> {
-        let mut tail: Vec<u8> = Vec::new();
-        let mut total = 0u64;
-        loop {
-            let n = s.read(buf).await?;
-            anyhow::ensure!(n > 0, "connection closed");
-            total += n as u64;
-            tail.extend_from_slice(&buf[..n]);
-            if tail.windows(tag.len()).any(|w| w == tag) {
-                return Ok(total);
-            }
-            let keep = tail.len().saturating_sub(tag.len());
-            tail.drain(..keep);
-        }
-    }
+    let mut buf = vec![0u8; 4096];
     until(&mut s, &mut buf, b"\r\n").await?;
     s.write_all(format!("a LOGIN \"{user}\" \"{pass}\"\r\nb SELECT INBOX\r\n").as_bytes())
         .await?;
     s.flush().await?;
     until(&mut s, &mut buf, b"\r\nb OK").await?;
+    Ok(s)
+}
+
+async fn barefetch(host: &str, port: u16, user: &str, pass: &str, ca: &str) -> anyhow::Result<()> {
+    let mut s = login(host, port, user, pass, ca).await?;
+    let mut buf = vec![0u8; 256 * 1024];
     let t0 = std::time::Instant::now();
     s.write_all(b"c UID FETCH 1:* BODY.PEEK[]\r\n").await?;
     s.flush().await?;
     let bytes = until(&mut s, &mut buf, b"\r\nc OK").await?;
     let secs = t0.elapsed().as_secs_f64();
     println!("barefetch: {bytes} bytes in {secs:.3}s");
+    Ok(())
+}
+
+/// The FETCH's literals, each sent on as a message as soon as it is whole.
+async fn fetch_literals(mut s: Imap, tx: tokio::sync::mpsc::Sender<Vec<u8>>) -> anyhow::Result<()> {
+    s.write_all(b"c UID FETCH 1:* BODY.PEEK[]\r\n").await?;
+    s.flush().await?;
+    let mut buf: Vec<u8> = Vec::with_capacity(512 * 1024);
+    let mut pos = 0;
+    let mut chunk = vec![0u8; 256 * 1024];
+    loop {
+        // One line, or one literal after its line.
+        if let Some(eol) = memchr::memmem::find(&buf[pos..], b"\r\n").map(|e| pos + e) {
+            let line = &buf[pos..eol];
+            if line.starts_with(b"c OK") {
+                return Ok(());
+            }
+            anyhow::ensure!(!line.starts_with(b"c "), "the FETCH failed");
+            let literal = line
+                .ends_with(b"}")
+                .then(|| line.iter().rposition(|b| *b == b'{'))
+                .flatten()
+                .and_then(|o| std::str::from_utf8(&line[o + 1..line.len() - 1]).ok())
+                .and_then(|n| n.parse::<usize>().ok());
+            match literal {
+                Some(n) if buf.len() >= eol + 2 + n => {
+                    let m = buf[eol + 2..eol + 2 + n].to_vec();
+                    pos = eol + 2 + n;
+                    if tx.send(m).await.is_err() {
+                        return Ok(());
+                    }
+                    continue;
+                }
+                Some(_) => {}
+                None => {
+                    pos = eol + 2;
+                    continue;
+                }
+            }
+        }
+        if pos > 0 {
+            buf.drain(..pos);
+            pos = 0;
+        }
+        let n = s.read(&mut chunk).await?;
+        anyhow::ensure!(n > 0, "the IMAP server closed the connection");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Reads one SMTP reply (all its lines); its code.
+async fn reply<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) -> anyhow::Result<u16> {
+    use tokio::io::AsyncBufReadExt as _;
+    loop {
+        let mut line = String::new();
+        anyhow::ensure!(r.read_line(&mut line).await? > 0, "the SMTP server closed");
+        if line.as_bytes().get(3) != Some(&b'-') {
+            return Ok(line.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0));
+        }
+    }
+}
+
+async fn pipe(
+    host: &str,
+    port: u16,
+    user: &str,
+    pass: &str,
+    ca: &str,
+    smtp: &str,
+) -> anyhow::Result<()> {
+    let imap = login(host, port, user, pass, ca).await?;
+    let tcp = tokio::net::TcpStream::connect(smtp).await?;
+    tcp.set_nodelay(true)?;
+    let (r, w) = tcp.into_split();
+    let mut r = tokio::io::BufReader::new(r);
+    let mut w = tokio::io::BufWriter::with_capacity(256 * 1024, w);
+    anyhow::ensure!(reply(&mut r).await? == 220, "no SMTP greeting");
+    w.write_all(b"EHLO bench\r\n").await?;
+    w.flush().await?;
+    anyhow::ensure!(reply(&mut r).await? == 250, "EHLO refused");
+    let t0 = std::time::Instant::now();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
+    let smtp_side = async move {
+        let mut sent = 0u64;
+        let mut stuffed = Vec::with_capacity(256 * 1024);
+        while let Some(m) = rx.recv().await {
+            w.write_all(
+                b"MAIL FROM:<bench@remote.test>\r\nRCPT TO:<bench@example.test>\r\nDATA\r\n",
+            )
+            .await?;
+            w.flush().await?;
+            // The previous message's 250, MAIL's, RCPT's, then the 354.
+            loop {
+                match reply(&mut r).await? {
+                    354 => break,
+                    250 => {}
+                    c => anyhow::bail!("SMTP reply {c}"),
+                }
+            }
+            stuffed.clear();
+            let mut at_line_start = true;
+            for &b in &m {
+                if at_line_start && b == b'.' {
+                    stuffed.push(b'.');
+                }
+                stuffed.push(b);
+                at_line_start = b == b'\n';
+            }
+            if !stuffed.ends_with(b"\r\n") {
+                stuffed.extend_from_slice(b"\r\n");
+            }
+            stuffed.extend_from_slice(b".\r\n");
+            w.write_all(&stuffed).await?;
+            sent += 1;
+        }
+        w.write_all(b"QUIT\r\n").await?;
+        w.flush().await?;
+        while reply(&mut r).await? != 221 {}
+        anyhow::Ok(sent)
+    };
+    // The fetch side on a task of its own, so it runs beside the SMTP side.
+    let fetched = tokio::spawn(fetch_literals(imap, tx));
+    let sent = smtp_side.await?;
+    fetched.await??;
+    println!(
+        "pipe: {sent} messages in {:.3}s",
+        t0.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -200,8 +345,23 @@ fn main() -> anyhow::Result<()> {
                 &args[6],
             ))?;
         }
+        Some("pipe") => {
+            // Both sides at once, on the machine's cores, as imapull runs.
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(pipe(
+                &args[2],
+                args[3].parse()?,
+                &args[4],
+                &args[5],
+                &args[6],
+                &args[7],
+            ))?;
+        }
         _ => anyhow::bail!(
-            "usage: bench-tools seed DIR N SEED [MIX] | barefetch HOST PORT USER PASS CAFILE"
+            "usage: bench-tools seed DIR N SEED [MIX] | barefetch HOST PORT USER PASS CAFILE \
+             | pipe HOST PORT USER PASS CAFILE SMTPHOST:PORT"
         ),
     }
     Ok(())

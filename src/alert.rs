@@ -387,7 +387,7 @@ async fn tell(a: &Account, rows: &mut [Notice], now: i64) {
                 sender: String::new(),
                 recipients: vec![to.clone()],
             };
-            let r = d.deliver(&env, b"", &msg, None).await;
+            let r = d.deliver(&env, b"", &msg, None, None).await;
             d.quit().await;
             match r {
                 Ok(got) if got.outcome == Outcome::Delivered => {

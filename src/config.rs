@@ -26,6 +26,9 @@ pub use oauth2::{Flow, OAuth2, Provider, RawOAuth2};
 /// considered dead. Two minutes is generous for a live IMAP or SMTP server
 /// and short enough that a hung run from a timer is noticed.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
+/// Decided by measurement: see docs/performance.md.
+const DEFAULT_DURABILITY: Durability = Durability::Grouped;
+
 /// Delivery sessions per pass, unless `delivery_sessions` says otherwise.
 const DEFAULT_DELIVERY_SESSIONS: u32 = 1;
 
@@ -142,6 +145,7 @@ pub struct RawAccount {
     pub deliver_timeout: Option<HumanDuration>,
     pub max_deferrals: Option<u32>,
     pub delivery_sessions: Option<u32>,
+    pub durability: Option<Durability>,
     pub purge_after: Option<PurgeAfter>,
     pub purge_interval: Option<HumanDuration>,
     pub purge_max: Option<u32>,
@@ -252,6 +256,19 @@ pub enum TokenSource {
     Command(Vec<String>),
     /// imapull's own: the `oauth2` table.
     Builtin(Box<OAuth2>),
+}
+
+/// What survives a power cut or a kernel crash (a process that dies loses
+/// nothing either way, and duplicates at most the message in flight).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Every outcome is fsynced before the next message's final ".".
+    Message,
+    /// Every outcome is committed before the next message's final "."; the
+    /// fsyncs come at most 50 ms or 100 messages apart, and always before
+    /// anything changes on the server and at the end of a pass.
+    Grouped,
 }
 
 /// When COMPRESS=DEFLATE (RFC 4978) is used, if the server offers it.
@@ -485,6 +502,8 @@ pub struct Account {
     /// Delivery sessions a pass uses at once (their messages still complete
     /// one at a time, in UID order).
     pub delivery_sessions: usize,
+    /// How often the ledger is fsynced while mail is delivered.
+    pub durability: Durability,
     /// How often the purge runs after a pass (not for `purge_after = 0`).
     pub purge_interval: Duration,
     /// The most removals per mailbox per purge; more are postponed.
@@ -660,6 +679,7 @@ fn merge(d: &RawAccount, a: RawAccount) -> RawAccount {
         deliver_timeout,
         max_deferrals,
         delivery_sessions,
+        durability,
         purge_after,
         purge_interval,
         purge_max,
@@ -926,6 +946,7 @@ fn common(
         deliver_timeout: dur(a.deliver_timeout, DEFAULT_TIMEOUT),
         max_deferrals: limits.max_deferrals,
         delivery_sessions: limits.delivery_sessions,
+        durability: a.durability.unwrap_or(DEFAULT_DURABILITY),
         purge_interval: dur(a.purge_interval, DEFAULT_PURGE_INTERVAL),
         purge_max: limits.purge_max,
         idle_timeout: dur(a.idle_timeout, DEFAULT_IDLE_TIMEOUT),

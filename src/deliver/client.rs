@@ -65,6 +65,35 @@ impl Delivery {
 struct Session {
     io: BufReader<BoxIo>,
     ext: Extensions,
+    /// The envelope sent ahead, after the last message's ".": the next
+    /// delivery reads its replies instead of sending it.
+    presented: Option<Vec<String>>,
+}
+
+/// The message a session delivers next, when it is known while this one
+/// is sent. Its envelope (MAIL, RCPT, DATA) goes out in the same write as
+/// this message's final "." (RFC 2920 lets commands follow the end of
+/// data), so that this message's reply and the next one's envelope cost
+/// one round trip instead of two. Nothing of it can be accepted before its
+/// own final ".", which still waits for its turn.
+#[derive(Clone, Copy)]
+pub struct Upcoming<'a> {
+    pub env: &'a Envelope,
+    pub prefix: &'a [u8],
+    pub msg: &'a [u8],
+}
+
+impl Upcoming<'_> {
+    /// Its envelope's command lines on a session with `ext`, or None when
+    /// it will send none (nobody to send to, or over the server's SIZE).
+    fn commands(&self, ext: &Extensions, peer: &str) -> Option<Vec<String>> {
+        let size = (self.prefix.len() + self.msg.len()) as u64;
+        if self.env.recipients.is_empty() || transaction::over_size(size, ext, peer).is_some() {
+            return None;
+        }
+        let eight_bit = !self.msg.is_ascii() || !self.prefix.is_ascii();
+        Some(transaction::commands(self.env, ext, size, eight_bit))
+    }
 }
 
 impl Session {
@@ -91,15 +120,32 @@ impl Session {
             }
             return Ok((replies, None));
         }
-        let batch: String = commands.iter().map(|c| format!("{c}\r\n")).collect();
+        let batch = batch(commands);
         tracing::trace!(peer, "C: {}", batch.trim_end());
         timed(peer, limit, self.io.get_mut().write_all(batch.as_bytes())).await?;
-        for _ in commands {
+        self.envelope_replies(peer, limit, commands.len()).await
+    }
+
+    /// The replies to a pipelined envelope of `n` commands, the last one
+    /// (DATA's) apart.
+    async fn envelope_replies(
+        &mut self,
+        peer: &str,
+        limit: Duration,
+        n: usize,
+    ) -> Result<(Vec<Reply>, Option<Reply>)> {
+        let mut replies = Vec::with_capacity(n);
+        for _ in 0..n {
             replies.push(read_reply(&mut self.io, peer, limit).await?);
         }
         let data = replies.pop();
         Ok((replies, data))
     }
+}
+
+/// Command lines as one write.
+fn batch(commands: &[String]) -> String {
+    commands.iter().map(|c| format!("{c}\r\n")).collect()
 }
 
 /// A delivery client with at most one open session.
@@ -194,14 +240,20 @@ impl Deliverer {
     /// before the barrier (the ledger's fsync of the previous delivery) is
     /// done. A failed barrier aborts the transaction by dropping the
     /// connection and is returned as an error.
+    ///
+    /// `next`, if given, is the message this session delivers next: its
+    /// envelope is sent right after this message's "." ([`Upcoming`]). The
+    /// next call must then be for that message; any other drops the
+    /// session and opens a new one.
     pub async fn deliver(
         &mut self,
         env: &Envelope,
         prefix: &[u8],
         msg: &[u8],
         barrier: Option<Barrier>,
+        next: Option<Upcoming<'_>>,
     ) -> Result<Delivery, BarrierFailed> {
-        match self.try_deliver(env, prefix, msg, barrier).await {
+        match self.try_deliver(env, prefix, msg, barrier, next).await {
             Err(e) if e.downcast_ref::<BarrierFailed>().is_some() => {
                 self.session = None;
                 Err(e.downcast::<BarrierFailed>().expect("checked"))
@@ -228,13 +280,26 @@ impl Deliverer {
         prefix: &[u8],
         msg: &[u8],
         barrier: Option<Barrier>,
+        next: Option<Upcoming<'_>>,
     ) -> Result<Delivery> {
+        let peer = self.peer();
+        // An envelope sent ahead for another message leaves the server
+        // somewhere this delivery cannot follow: start afresh.
+        if let Some(s) = &self.session {
+            if let Some(sent) = &s.presented {
+                let this = Upcoming { env, prefix, msg }.commands(&s.ext, &peer);
+                if this.as_ref() != Some(sent) {
+                    tracing::debug!(peer, "the envelope sent ahead was for another message");
+                    self.session = None;
+                }
+            }
+        }
         if self.session.is_none() {
             let s = self.connect().await?;
             self.session = Some(s);
         }
         let lmtp = self.target.protocol == DeliverProtocol::Lmtp;
-        let (peer, limit) = (self.peer(), self.timeout);
+        let limit = self.timeout;
         let s = self.session.as_mut().expect("session just opened");
         let size = (prefix.len() + msg.len()) as u64;
         if let Some(d) = transaction::over_size(size, &s.ext, &peer) {
@@ -242,7 +307,10 @@ impl Deliverer {
         }
         let eight_bit = !msg.is_ascii() || !prefix.is_ascii();
         let commands = transaction::commands(env, &s.ext, size, eight_bit);
-        let (replies, data_reply) = s.envelope(&peer, limit, &commands).await?;
+        let (replies, data_reply) = match s.presented.take() {
+            Some(_) => s.envelope_replies(&peer, limit, commands.len()).await?,
+            None => s.envelope(&peer, limit, &commands).await?,
+        };
         let (accepted, refused) =
             match transaction::judge_envelope(&peer, env, &replies, data_reply.as_ref()) {
                 Next::Stop(d, end) => {
@@ -259,7 +327,24 @@ impl Deliverer {
             self.end(end).await;
             return Ok(d);
         }
-        send_data(&mut s.io, &peer, limit, prefix, msg, barrier).await?;
+        let ahead = next
+            .filter(|_| s.ext.pipelining)
+            .and_then(|n| n.commands(&s.ext, &peer));
+        let ahead_bytes = ahead.as_deref().map(batch);
+        if let Some(b) = &ahead_bytes {
+            tracing::trace!(peer, "C (after the \".\"): {}", b.trim_end());
+        }
+        send_data(
+            &mut s.io,
+            &peer,
+            limit,
+            prefix,
+            msg,
+            barrier,
+            ahead_bytes.as_deref(),
+        )
+        .await?;
+        s.presented = ahead;
         let mut finals = Vec::with_capacity(accepted.len());
         if lmtp {
             for rcpt in accepted {
@@ -325,7 +410,11 @@ impl Deliverer {
             bail!("{peer} refused {verb}: {hello}");
         };
         tracing::debug!(peer, ?ext, "delivery session open");
-        Ok(Session { io, ext })
+        Ok(Session {
+            io,
+            ext,
+            presented: None,
+        })
     }
 
     /// Leaves a transaction given up: RSET (a failed RSET drops the
@@ -366,10 +455,15 @@ impl Deliverer {
         Ok(ext)
     }
 
-    /// Ends the session politely, if one is open.
+    /// Ends the session politely, if one is open. One with an envelope
+    /// sent ahead is dropped instead: its server may be waiting for a
+    /// message after a 354, and would take QUIT as part of it.
     pub async fn quit(&mut self) {
         let peer = self.peer();
         if let Some(mut s) = self.session.take() {
+            if s.presented.is_some() {
+                return;
+            }
             let _ = command(&mut s.io, &peer, Duration::from_secs(5), "QUIT").await;
         }
     }
@@ -418,6 +512,7 @@ async fn send_data(
     prefix: &[u8],
     msg: &[u8],
     barrier: Option<Barrier>,
+    then: Option<&str>,
 ) -> Result<()> {
     // Everything but the message's last bytes goes out before the barrier
     // is awaited, so the server takes it in while the previous delivery's
@@ -444,6 +539,9 @@ async fn send_data(
     }
     enc.feed(tail, &mut buf);
     enc.finish(&mut buf);
+    if let Some(then) = then {
+        buf.extend_from_slice(then.as_bytes());
+    }
     if let Some(b) = barrier {
         b.await.map_err(BarrierFailed)?;
     }

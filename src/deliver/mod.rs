@@ -14,7 +14,7 @@ pub mod transaction;
 mod transcripts;
 pub mod wire;
 
-pub use client::{Deliverer, Delivery, Envelope, Sessions};
+pub use client::{Deliverer, Delivery, Envelope, Sessions, Upcoming};
 
 /// What became of one message. Only `Delivered` ever leads to removal from
 /// the remote server.

@@ -131,7 +131,7 @@ async fn play(lmtp: bool, rcpts: &[&str], steps: Vec<Step>) -> Played {
     let mut d = deliverer(lmtp);
     let delivery = match d.attach(Box::new(a)).await {
         Ok(()) => Ok(d
-            .deliver(&env(rcpts), b"", MSG, None)
+            .deliver(&env(rcpts), b"", MSG, None, None)
             .await
             .expect("no barrier")),
         Err(e) => Err(format!("{e:#}")),
@@ -504,4 +504,171 @@ async fn reply_codes_outside_2xx_to_5xx_defer_and_drop_the_session() {
     let p = play(false, &["a@x"], steps).await;
     assert_eq!(outcome(&p).0, Outcome::Deferred);
     assert!(p.open && p.finished, "{:?}", p.seen);
+}
+
+/// Two deliveries on one session, the first told of the second
+/// ([`super::Upcoming`]); then `after` (QUIT or a third delivery).
+async fn play_two(
+    ext: &'static str,
+    steps: Vec<Step>,
+    second: Envelope,
+    third: Option<Envelope>,
+) -> (Vec<Delivery>, Played) {
+    let (a, b) = tokio::io::duplex(1 << 16);
+    let server = tokio::spawn(serve(b, [hello(ext), steps].concat()));
+    let mut d = deliverer(false);
+    d.attach(Box::new(a)).await.unwrap();
+    let first = env(&["a@x"]);
+    let next = super::Upcoming {
+        env: &second,
+        prefix: b"",
+        msg: MSG,
+    };
+    let mut got = vec![d.deliver(&first, b"", MSG, None, Some(next)).await.unwrap()];
+    match third {
+        Some(t) => got.push(d.deliver(&t, b"", MSG, None, None).await.unwrap()),
+        None => {
+            got.push(d.deliver(&second, b"", MSG, None, None).await.unwrap());
+            d.quit().await;
+        }
+    }
+    let open = d.is_open();
+    drop(d);
+    let (seen, ahead, finished) = server.await.unwrap();
+    let played = Played {
+        delivery: Ok(got[0].clone()),
+        seen,
+        ahead,
+        finished,
+        open,
+    };
+    (got, played)
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_next_envelope_goes_out_with_the_final_dot() {
+    // The server reads the second envelope before it answers the first
+    // message: a client that waited for the 250 would hang here.
+    let (got, p) = play_two(
+        PIPELINING,
+        vec![
+            Read("MAIL FROM:<s@remote.test>"),
+            Read("RCPT TO:<a@x>"),
+            Read("DATA"),
+            Send("250 ok\r\n250 ok\r\n354 go\r\n"),
+            Message,
+            Read("MAIL FROM:<s@remote.test>"),
+            Read("RCPT TO:<b@x>"),
+            Read("DATA"),
+            Send("250 queued 1\r\n|250 ok\r\n250 ok\r\n|354 go\r\n"),
+            Message,
+            Send("250 queued 2\r\n"),
+            Read("QUIT"),
+            Send("221 bye\r\n"),
+        ],
+        env(&["b@x"]),
+        None,
+    )
+    .await;
+    assert!(p.finished, "{:?}", p.seen);
+    assert_eq!(got[0].reply, "250 queued 1");
+    assert_eq!(got[1].reply, "250 queued 2");
+    assert_eq!(got[1].accepted, strings(&["b@x"]));
+    assert_eq!(
+        p.seen.iter().filter(|l| l.starts_with("MAIL")).count(),
+        2,
+        "{:?}",
+        p.seen
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_refused_first_message_leaves_the_envelope_sent_ahead_in_use() {
+    let (got, p) = play_two(
+        PIPELINING,
+        vec![
+            Read("MAIL FROM:<s@remote.test>"),
+            Read("RCPT TO:<a@x>"),
+            Read("DATA"),
+            Send("250 ok\r\n250 ok\r\n354 go\r\n"),
+            Message,
+            Read("MAIL FROM:<s@remote.test>"),
+            Read("RCPT TO:<b@x>"),
+            Read("DATA"),
+            Send("554 5.7.1 spam\r\n250 ok\r\n250 ok\r\n354 go\r\n"),
+            Message,
+            Send("250 queued 2\r\n"),
+            Read("QUIT"),
+            Send("221 bye\r\n"),
+        ],
+        env(&["b@x"]),
+        None,
+    )
+    .await;
+    assert!(p.finished, "{:?}", p.seen);
+    assert_eq!(got[0].outcome, Outcome::Rejected);
+    assert_eq!(got[1].outcome, Outcome::Delivered);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn an_envelope_sent_ahead_for_another_message_ends_the_session_without_quit() {
+    // The second delivery is not the one announced: the server may be
+    // waiting after its 354, so the session is dropped (no QUIT, which it
+    // would take as message text) and a new one opened (which fails here:
+    // the deliverer's own socket does not exist).
+    let (got, p) = play_two(
+        PIPELINING,
+        vec![
+            Read("MAIL FROM:<s@remote.test>"),
+            Read("RCPT TO:<a@x>"),
+            Read("DATA"),
+            Send("250 ok\r\n250 ok\r\n354 go\r\n"),
+            Message,
+            Read("MAIL FROM:<s@remote.test>"),
+            Read("RCPT TO:<b@x>"),
+            Read("DATA"),
+            Send("250 queued 1\r\n250 ok\r\n250 ok\r\n354 go\r\n"),
+        ],
+        env(&["b@x"]),
+        Some(env(&["c@x"])),
+    )
+    .await;
+    assert!(p.finished, "{:?}", p.seen);
+    assert_eq!(got[0].outcome, Outcome::Delivered);
+    assert_eq!(got[1].outcome, Outcome::Deferred, "{:?}", got[1]);
+    assert!(!p.seen.iter().any(|l| l == "QUIT"), "{:?}", p.seen);
+    assert!(!p.seen.iter().any(|l| l.contains("c@x")), "{:?}", p.seen);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn without_pipelining_nothing_goes_out_after_the_dot() {
+    let (got, p) = play_two(
+        PLAIN,
+        vec![
+            Read("MAIL FROM:<s@remote.test>"),
+            Send("250 ok\r\n"),
+            Read("RCPT TO:<a@x>"),
+            Send("250 ok\r\n"),
+            Read("DATA"),
+            Send("354 go\r\n"),
+            Message,
+            Send("250 queued 1\r\n"),
+            Read("MAIL FROM:<s@remote.test>"),
+            Send("250 ok\r\n"),
+            Read("RCPT TO:<b@x>"),
+            Send("250 ok\r\n"),
+            Read("DATA"),
+            Send("354 go\r\n"),
+            Message,
+            Send("250 queued 2\r\n"),
+            Read("QUIT"),
+            Send("221 bye\r\n"),
+        ],
+        env(&["b@x"]),
+        None,
+    )
+    .await;
+    assert!(p.finished, "{:?}", p.seen);
+    assert!(p.ahead.is_empty(), "sent ahead: {:?}", p.ahead);
+    assert_eq!(got[1].reply, "250 queued 2");
 }

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use anyhow::Result;
 
 use super::{
-    Attempt, Known, Ledger, LedgerHandle, MailboxState, MessageKey, OldRow, PassClose, PurgeRow,
+    Attempt, Durability, Known, Ledger, LedgerHandle, MailboxState, MessageKey, OldRow, PassClose,
+    PurgeRow,
 };
 
 struct Names {
@@ -195,9 +196,17 @@ impl Epoch {
     pub fn record_then_sync(
         &self,
         attempt: Attempt,
+        durability: Durability,
         then: impl FnOnce(Result<()>) + Send + 'static,
     ) -> tokio::sync::oneshot::Receiver<Result<()>> {
         debug_assert_eq!(attempt.key.uidvalidity, self.uidvalidity);
-        self.mailbox.ledger.record_then_sync(attempt, then)
+        self.mailbox
+            .ledger
+            .record_then_sync(attempt, durability, then)
+    }
+
+    /// The ledger's handle, for its fsyncs ([`LedgerHandle::sync`]).
+    pub fn handle(&self) -> &LedgerHandle {
+        &self.mailbox.ledger
     }
 }

@@ -17,9 +17,9 @@ use futures_util::FutureExt as _;
 use super::{Ctx, PassReport};
 use crate::config::{Account, SenderPolicy};
 use crate::deliver::client::{no_barrier, Barrier};
-use crate::deliver::{headers, Deliverer, Delivery, Envelope, Outcome, Sessions};
+use crate::deliver::{headers, Deliverer, Delivery, Envelope, Outcome, Sessions, Upcoming};
 use crate::imap::{byte_batches, uid_sets, Fetch, Imap, FETCH_ITEMS};
-use crate::ledger::{Attempt, Epoch, LedgerFailure, State};
+use crate::ledger::{Attempt, Durability, Epoch, LedgerFailure, State, GROUP_MAX_AGE};
 
 /// Messages fetched and waiting for a delivery session, besides one per
 /// session. Two keep the sessions busy while the next message arrives;
@@ -94,6 +94,10 @@ struct Shared<'a> {
     /// The progress bar, once the fetch side knows the sizes (a long pass
     /// of `imapull run` on a terminal only).
     bar: std::sync::OnceLock<crate::progress::Bar>,
+    /// One delivery session: it takes the next message early, to send its
+    /// envelope right after this one's "." ([`Upcoming`]). With more, each
+    /// takes a message only when it is free.
+    look_ahead: bool,
 }
 
 /// What the sessions did, shared between them.
@@ -164,10 +168,34 @@ pub async fn run(
         }),
         tally: std::sync::Mutex::new(Tally::default()),
         bar: std::sync::OnceLock::new(),
+        look_ahead: sessions.0.len() == 1,
     };
-    let (fetched, delivered) = tokio::join!(
+    let (done, mut finished) = tokio::sync::watch::channel(false);
+    let (fetched, delivered, ()) = tokio::join!(
         feed_all(ctx.account, imap, groups, feed, &shared),
-        drain(&shared, sessions)
+        async {
+            let t = drain(&shared, sessions).await;
+            let _ = done.send(true);
+            t
+        },
+        // durability = "grouped": commits that waited GROUP_MAX_AGE are
+        // fsynced even while the next message is slow to come.
+        async {
+            if ctx.account.durability != Durability::Grouped {
+                return;
+            }
+            loop {
+                tokio::select! {
+                    _ = finished.changed() => return,
+                    _ = tokio::time::sleep(GROUP_MAX_AGE / 2) => {
+                        if let Err(e) = ledger.handle().sync_due().await {
+                            // The end of the pass syncs again and fails.
+                            tracing::warn!("syncing the ledger: {e:#}");
+                        }
+                    }
+                }
+            }
+        }
     );
     let t = delivered?;
     report.delivered += t.delivered;
@@ -295,19 +323,43 @@ async fn drain(shared: &Shared<'_>, sessions: &mut Sessions) -> Result<Tally> {
     synced
         .map_err(|e| anyhow!("syncing the ledger: {e}"))
         .map_err(|e| e.context(LedgerFailure))?;
+    // What durability = "grouped" left unsynced, before anything changes
+    // on the server (flags, expunges) and before the pass ends.
+    shared
+        .ledger
+        .handle()
+        .sync()
+        .await
+        .context("syncing the ledger at the end of the pass")?;
     Ok(t)
 }
 
+/// A message taken from the queue, with its turn and its transaction.
+type Taken = (InFlight, Turn, Prepared);
+
 /// One delivery session's loop: take the next message, deliver it (its
 /// final "." waiting for the previous message's turn), record it, and hand
-/// the turn on once the record is on disk.
+/// the turn on once the record is on disk. With one session, the message
+/// after it is taken as soon as it is fetched, so that its envelope goes
+/// out with this one's "."; its own "." still waits for its turn.
 async fn session_worker(shared: &Shared<'_>, deliverer: &mut Deliverer) -> Result<()> {
     let (ctx, mailbox) = (shared.ctx, shared.ledger.mailbox());
+    let mut ahead: Option<Taken> = None;
     loop {
         if tally_of(&shared.tally).stopped {
+            // A message taken ahead and not delivered lets the rest go.
+            if let Some((_, turn, _)) = ahead.take() {
+                turn.pass_on()(Ok(()));
+            }
             return Ok(());
         }
-        let Some(((f, _permit), turn)) = next_turn(&shared.queue).await else {
+        let taken = match ahead.take() {
+            Some(t) => Some(t),
+            None => next_turn(&shared.queue)
+                .await
+                .map(|(item, turn)| prepared(shared, item, turn)),
+        };
+        let Some(((f, _permit), turn, this)) = taken else {
             return Ok(());
         };
         if ctx.stopping() || tally_of(&shared.tally).stopped {
@@ -319,10 +371,21 @@ async fn session_worker(shared: &Shared<'_>, deliverer: &mut Deliverer) -> Resul
             turn.pass_on()(Ok(()));
             return Ok(());
         }
+        if shared.look_ahead {
+            ahead = try_next_turn(&shared.queue).map(|(item, turn)| prepared(shared, item, turn));
+        }
+        let next = ahead
+            .as_ref()
+            .filter(|((nf, _), _, _)| nf.body_too_large().is_none())
+            .map(|((nf, _), _, p)| Upcoming {
+                env: &p.env,
+                prefix: &p.prefix,
+                msg: nf.body().unwrap_or_default(),
+            });
         // On an error the turn is dropped: the next message's barrier
         // fails and it is not completed either; the other sessions take
         // no new message.
-        let outcome = match deliver_one(shared, deliverer, &f, turn).await {
+        let outcome = match deliver_one(shared, deliverer, &f, turn, this, next).await {
             Ok(o) => o,
             Err(e) => {
                 tally_of(&shared.tally).stopped = true;
@@ -347,10 +410,28 @@ async fn session_worker(shared: &Shared<'_>, deliverer: &mut Deliverer) -> Resul
     }
 }
 
+fn prepared(shared: &Shared<'_>, item: InFlight, turn: Turn) -> Taken {
+    let p = prepare(shared, &item.0);
+    (item, turn, p)
+}
+
 /// The next message and its turn, or None once the fetch side is done.
 async fn next_turn(queue: &tokio::sync::Mutex<Queue>) -> Option<(InFlight, Turn)> {
     let mut q = queue.lock().await;
     let item = q.rx.recv().await?;
+    Some((item, take_turn(&mut q)))
+}
+
+/// The next message and its turn if it is fetched already (and no other
+/// session is taking one now).
+fn try_next_turn(queue: &tokio::sync::Mutex<Queue>) -> Option<(InFlight, Turn)> {
+    let mut q = queue.try_lock().ok()?;
+    let item = q.rx.try_recv().ok()?;
+    Some((item, take_turn(&mut q)))
+}
+
+/// The turn of the message just taken: after the one taken before it.
+fn take_turn(q: &mut Queue) -> Turn {
     let (done, turn) = tokio::sync::oneshot::channel();
     let next = async move {
         turn.await
@@ -359,7 +440,7 @@ async fn next_turn(queue: &tokio::sync::Mutex<Queue>) -> Option<(InFlight, Turn)
     .boxed()
     .shared();
     let prev = std::mem::replace(&mut q.last, next);
-    Some((item, Turn { prev, done }))
+    Turn { prev, done }
 }
 
 /// The tally, also after a panic elsewhere (it is only counters).
@@ -399,6 +480,32 @@ impl Turn {
     }
 }
 
+/// A message's transaction, decided once (also when it is taken ahead):
+/// who is still to get it, and the trace header.
+struct Prepared {
+    env: Envelope,
+    prefix: Vec<u8>,
+    now: i64,
+}
+
+fn prepare(shared: &Shared<'_>, f: &Fetch) -> Prepared {
+    let (a, ledger) = (shared.ctx.account, shared.ledger);
+    let uid = f.uid.expect("checked by the fetch side");
+    let body = f.body().unwrap_or_default();
+    let done: &[String] = shared.already.get(&uid).map(Vec::as_slice).unwrap_or(&[]);
+    let now = (shared.ctx.now)();
+    let prefix = if a.add_received && f.body_too_large().is_none() {
+        received_header(a, ledger.mailbox(), ledger.uidvalidity(), uid, now)
+    } else {
+        Vec::new()
+    };
+    Prepared {
+        env: envelope(a, body, done),
+        prefix,
+        now,
+    }
+}
+
 /// Delivers one message, records the outcome, and passes the turn on once
 /// the record is on disk.
 async fn deliver_one(
@@ -406,14 +513,15 @@ async fn deliver_one(
     deliverer: &mut Deliverer,
     f: &Fetch,
     turn: Turn,
+    this: Prepared,
+    next: Option<Upcoming<'_>>,
 ) -> Result<Outcome> {
     let (a, ledger) = (shared.ctx.account, shared.ledger);
     let uid = f.uid.expect("checked by the fetch side");
     // Empty for a message over max_message_size, which is not sent.
     let body = f.body().unwrap_or_default();
     let done: &[String] = shared.already.get(&uid).map(Vec::as_slice).unwrap_or(&[]);
-    let env = envelope(a, body, done);
-    let now = (shared.ctx.now)();
+    let Prepared { env, prefix, now } = this;
     let d = if let Some(size) = f.body_too_large() {
         Delivery::all(
             Outcome::Rejected,
@@ -431,13 +539,8 @@ async fn deliver_one(
             "every recipient had already accepted it",
         )
     } else {
-        let prefix = if a.add_received {
-            received_header(a, ledger.mailbox(), ledger.uidvalidity(), uid, now)
-        } else {
-            Vec::new()
-        };
         deliverer
-            .deliver(&env, &prefix, body, Some(turn.prev.clone()))
+            .deliver(&env, &prefix, body, Some(turn.prev.clone()), next)
             .await
             // Not sent: the previous delivery may not be on disk. Stop.
             .map_err(|e| anyhow::Error::new(e).context(LedgerFailure))?
@@ -460,7 +563,7 @@ async fn deliver_one(
     };
     let message_id = attempt.message_id.clone();
     ledger
-        .record_then_sync(attempt, turn.pass_on())
+        .record_then_sync(attempt, a.durability, turn.pass_on())
         .await
         .unwrap_or_else(|_| Err(anyhow!("the ledger task ended").context(LedgerFailure)))
         .context("recording a delivery in the ledger")?;

@@ -335,6 +335,7 @@ fn failed_ledger_sync_keeps_the_next_message_from_being_accepted() {
                 b"",
                 &msg,
                 Some(imapull::deliver::client::no_barrier()),
+                None,
             )
             .await
             .unwrap();
@@ -342,7 +343,10 @@ fn failed_ledger_sync_keeps_the_next_message_from_being_accepted() {
         let failing = futures_util::future::ready(Err("disk on fire".to_string()))
             .boxed()
             .shared();
-        let e = d.deliver(&env, b"", &msg, Some(failing)).await.unwrap_err();
+        let e = d
+            .deliver(&env, b"", &msg, Some(failing), None)
+            .await
+            .unwrap_err();
         assert!(e.to_string().contains("disk on fire"), "{e}");
     });
     std::thread::sleep(Duration::from_millis(300));

@@ -9,10 +9,25 @@ use crate::harness::*;
 const MESSAGES: u32 = 500;
 const KILLS: u32 = 5;
 
+/// Both durabilities keep the promise for a process that dies: every
+/// outcome is committed before the next message's final ".", whether or not
+/// it is fsynced yet.
 #[test]
-fn kill_9_at_random_moments_loses_nothing() {
+fn kill_9_at_random_moments_loses_nothing_with_each_durability() {
+    std::thread::scope(|s| {
+        for durability in ["message", "grouped"] {
+            s.spawn(move || kill_loop(durability));
+        }
+    });
+}
+
+fn kill_loop(durability: &str) {
     let rcpt = new_recipient();
-    let case = Case::new(&smtp(), &[&rcpt], "initial = \"all\"");
+    let case = Case::new(
+        &smtp(),
+        &[&rcpt],
+        &format!("initial = \"all\"\ndurability = \"{durability}\""),
+    );
     for n in 0..MESSAGES {
         drop_message(
             &case.user,
@@ -25,7 +40,7 @@ fn kill_9_at_random_moments_loses_nothing() {
     let mut runs = 0;
     loop {
         runs += 1;
-        assert!(runs < 50, "never finished");
+        assert!(runs < 50, "{durability}: never finished");
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_imapull"))
             .arg("--config")
             .arg(&case.config)
@@ -48,7 +63,10 @@ fn kill_9_at_random_moments_loses_nothing() {
         assert_eq!(status.code(), Some(0));
         break;
     }
-    assert!(kills >= 1, "the runs were too quick to be killed");
+    assert!(
+        kills >= 1,
+        "{durability}: the runs were too quick to be killed"
+    );
     // Count what Postfix delivered, by Message-ID.
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut counts: BTreeMap<String, u32>;
@@ -71,12 +89,12 @@ fn kill_9_at_random_moments_loses_nothing() {
     assert_eq!(
         counts.len() as u32,
         MESSAGES,
-        "every message arrived at least once"
+        "{durability}: every message arrived at least once"
     );
     let duplicates: u32 = counts.values().map(|c| c - 1).sum();
     assert!(
         duplicates <= kills,
-        "{duplicates} duplicates for {kills} kills"
+        "{durability}: {duplicates} duplicates for {kills} kills"
     );
     let rows = case.rows();
     assert_eq!(rows.len() as u32, MESSAGES);
