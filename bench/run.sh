@@ -20,6 +20,10 @@
 #                                     its RSS, Dovecot's processes, SIGTERM time
 #   bench/run.sh receivers [N] [RUNS] imapull into Postfix and Dovecot LMTP,
 #                                     one and two delivery sessions
+#   bench/run.sh link [RTT MBIT N]    a slow link (default 40 ms, 50 Mbit/s,
+#                                     1000 messages): first pull with and
+#                                     without COMPRESS, nothing new and its
+#                                     round trips, 20 accounts, bytes
 #
 # It prints a table with medians of RUNS runs and the ratios of each tool
 # to imapull and to the limit. docs/performance.md has the latest figures.
@@ -43,9 +47,11 @@ tools=$root/target/release/examples/bench-tools
 
 work=$(mktemp -d /tmp/imapull-bench.XXXXXX)
 sink_pid=
+shape_pid=
 inotify_was=
 cleanup() {
     [[ -n $sink_pid ]] && kill "$sink_pid" 2>/dev/null || true
+    [[ -n $shape_pid ]] && kill "$shape_pid" 2>/dev/null || true
     [[ -n $inotify_was ]] && echo "$inotify_was" > /proc/sys/fs/inotify/max_user_instances
     "$root/scripts/testenv.sh" stop "$work" || true
     rm -rf "$work" "$nodelay"
@@ -105,7 +111,7 @@ write_configs() {
 ledger = "$work/ledger.sqlite3"
 [accounts.bench]
 host = "localhost"
-port = $IMAPS_PORT
+port = ${LINK_PORT:-$IMAPS_PORT}
 ca_file = "$CA_FILE"
 username = "$user"
 password = "secret"
@@ -120,12 +126,15 @@ CONF
     sed 's/^compress = .*/&\ndelivery_sessions = 2/' "$work/imapull.toml" > "$work/imapull-2s.toml"
     sed 's/^compress = .*/&\ndurability = "grouped"/' "$work/imapull.toml" > "$work/imapull-grouped.toml"
     sed 's/^compress = .*/&\ndurability = "message"/' "$work/imapull.toml" > "$work/imapull-msg.toml"
+    # imapull-z and imapull-nz: COMPRESS on every pass, and never.
+    sed 's/^compress = .*/compress = true/' "$work/imapull.toml" > "$work/imapull-z.toml"
+    sed 's/^compress = .*/compress = false/' "$work/imapull.toml" > "$work/imapull-nz.toml"
     chmod 600 "$work"/imapull-*.toml
     cat > "$work/pullimap.conf" <<CONF
 [bench]
 type = imaps
 host = localhost
-port = $IMAPS_PORT
+port = ${LINK_PORT:-$IMAPS_PORT}
 SSL_CAfile = $CA_FILE
 username = $user
 password = secret
@@ -137,7 +146,7 @@ CONF
     cat > "$work/fetchmailrc" <<CONF
 set no bouncemail
 set no syslog
-poll localhost port $IMAPS_PORT protocol IMAP
+poll localhost port ${LINK_PORT:-$IMAPS_PORT} protocol IMAP
     user "$user" password "secret" is "bench@example.test" here
     ssl sslcertck sslcertfile "$CA_FILE"
     smtphost 127.0.0.1/$sink_port
@@ -152,7 +161,7 @@ run_tool() {
             rm -f "$work"/ledger.sqlite3*
             timed "$imapull" --config "$work/imapull.toml" -q run
             ;;
-        imapull-2s | imapull-grouped | imapull-msg)
+        imapull-2s | imapull-grouped | imapull-msg | imapull-z | imapull-nz)
             rm -f "$work"/ledger.sqlite3*
             timed "$imapull" --config "$work/$1.toml" -q run
             ;;
@@ -171,6 +180,12 @@ run_tool() {
             # removed, to compare pipelines rather than a socket option.
             rm -f "$work/pullimap.state"
             LD_PRELOAD=$nodelay timed pullimap --config="$work/pullimap.conf" --quiet bench
+            ;;
+        pullimap-nd-z)
+            # The same with COMPRESS=DEFLATE.
+            rm -f "$work/pullimap.state"
+            sed 's/^compress = .*/compress = YES/' "$work/pullimap.conf" > "$work/pullimap-z.conf"
+            LD_PRELOAD=$nodelay timed pullimap --config="$work/pullimap-z.conf" --quiet bench
             ;;
         fetchmail)
             rm -f "$work/fetchmail.ids"
@@ -360,7 +375,7 @@ receivers() {
 account_defaults() {
     echo "[defaults]"
     echo "host = \"localhost\""
-    echo "port = $IMAPS_PORT"
+    echo "port = ${LINK_PORT:-$IMAPS_PORT}"
     echo "ca_file = \"$CA_FILE\""
     echo "password = \"secret\""
     echo "deliver = \"smtp://127.0.0.1:$sink_port\""
@@ -415,7 +430,103 @@ stop_time() {
     grep -iE 'error|fatal|warning' "$DOVECOT_LOG_FILE" 2>/dev/null | sort | uniq -c | sort -rn | head -5 || true
 }
 
+# A slow link (bench-tools shape) between the tools and Dovecot: RTT
+# milliseconds, MBIT megabits a second each way. The first pull of N
+# messages of the "wan" mix (realistic, text that deflates about as much as
+# real mail), with and without COMPRESS; a pass with nothing new, with its
+# round trips; twenty accounts with nothing new; the bytes that crossed the
+# link, and how full it was kept during each pull.
+link() {
+    local rtt=$1 mbit=$2 n=$3
+    local lport=$(( 20000 + RANDOM % 40000 ))
+    "$tools" shape "$lport" "127.0.0.1:$IMAPS_PORT" "$rtt" "$mbit" "$work/link.stats" &
+    shape_pid=$!
+    sleep 0.3
+    export LINK_PORT=$lport
+    rm -rf "$work/template"
+    "$tools" seed "$work/template" "$n" 42 wan | tee "$work/seed"
+    write_configs
+    echo
+    printf '%-14s %8s %10s %11s %8s %8s\n' tool wall_s down_MB "x bytes/rate" link_use flights
+    local tool
+    for tool in ${LINK_TOOLS:-imapull imapull-nz pullimap-nd pullimap-nd-z fetchmail}; do
+        restore
+        : > "$work/link.stats"
+        local t_wall t_user t_sys t_rss
+        read -r t_wall t_user t_sys t_rss < <(run_tool "$tool")
+        sleep $(awk -v r="$rtt" 'BEGIN {print 2 * r / 1000}')
+        got=$(( $(sink_count) - sink_base ))
+        ((got == n)) || echo "bench: $tool delivered $got of $n messages" >&2
+        awk -v w="$t_wall" -v mbit="$mbit" -v t="$tool" '
+            {for (i = 1; i <= NF; i++) {split($i, kv, "="); v[kv[1]] += kv[2]}; if ($4 ~ /secs/) {split($4, s, "="); if (s[2] > longest) longest = s[2]}}
+            END {
+                rate = mbit * 1e6 / 8
+                printf "%-14s %8.2f %10.1f %11.2f %7.0f%% %8d\n", t, w, v["down"] / 1e6, w / (v["down"] / rate), 100 * v["down"] / rate / longest, v["flights"]
+            }' "$work/link.stats"
+    done
+    echo
+    echo "== a pass with nothing new over the link (imapull; median of 5)"
+    restore
+    rm -f "$work"/ledger.sqlite3*
+    "$imapull" --config "$work/imapull.toml" -q run
+    : > "$work/nothing"
+    for _ in 1 2 3 4 5; do
+        : > "$work/link.stats"
+        /usr/bin/time -f "%e" -a -o "$work/nothing" "$imapull" --config "$work/imapull.toml" -q run
+        sleep $(awk -v r="$rtt" 'BEGIN {print 2 * r / 1000}')
+        cat "$work/link.stats" >> "$work/nothing.stats"
+    done
+    local wall flights
+    wall=$(sort -n "$work/nothing" | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}')
+    flights=$(sed -n 's/.*flights=\([0-9]*\).*/\1/p' "$work/nothing.stats" | sort -n | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}')
+    echo "  $wall s wall ($(awk -v w="$wall" -v r="$rtt" 'BEGIN {printf "%.1f", w * 1000 / r}') RTTs, process start included); the client's flights: $flights, plus TCP's handshake"
+    echo
+    echo "== twenty accounts with nothing new over the link"
+    accounts_over_link
+    kill "$shape_pid" 2>/dev/null || true
+    shape_pid=
+    unset LINK_PORT
+}
+
+# Twenty accounts of five messages each, pulled once, then timed with
+# nothing new, against one account alone (same link).
+accounts_over_link() {
+    local names=() i
+    for i in $(seq 0 19); do
+        names+=("u$i")
+        scripts/testenv.sh adduser "$work" "u$i"
+        rm -rf "$work/seedw"
+        "$tools" seed "$work/seedw" 5 "$i" small >/dev/null
+        rm -rf "$HOMES/u$i/Maildir"
+        cp -a "$work/seedw" "$HOMES/u$i/Maildir"
+        chown -R nobody:nogroup "$HOMES/u$i"
+    done
+    local count
+    for count in 1 20; do
+        {
+            echo "ledger = \"$work/link-$count.sqlite3\""
+            account_defaults
+            echo "initial = \"all\""
+            for u in "${names[@]:0:$count}"; do
+                printf '[accounts.%s]\nusername = "%s"\n' "$u" "$u"
+            done
+        } > "$work/link-$count.toml"
+        chmod 600 "$work/link-$count.toml"
+        rm -f "$work"/link-"$count".sqlite3*
+        "$imapull" --config "$work/link-$count.toml" -q run
+        : > "$work/link-$count.times"
+        for _ in 1 2 3 4 5; do
+            /usr/bin/time -f "%e" -a -o "$work/link-$count.times" "$imapull" --config "$work/link-$count.toml" -q run
+        done
+        echo "  $count account(s), nothing new: $(sort -n "$work/link-$count.times" | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}') s (median of 5)"
+    done
+}
+
 case ${1:-} in
+    link)
+        echo "== a slow link: ${2:-40} ms round trip, ${3:-50} Mbit/s, ${4:-1000} messages (wan mix)"
+        link "${2:-40}" "${3:-50}" "${4:-1000}"
+        ;;
     stop)
         echo "== one daemon on ${2:-1000} accounts of a hibernating Dovecot"
         stop_time "${2:-1000}"

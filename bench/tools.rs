@@ -14,6 +14,17 @@
 //!   sent together, the body after the 354, the next message's commands
 //!   right after the "." without waiting for its 250), with no ledger and
 //!   no per-message work beyond dot-stuffing.
+//! - `shape PORT UPSTREAM RTT_MS MBIT STATS`: a slow link between the
+//!   tools and Dovecot (the kernel's netem is not available here). It
+//!   listens on 127.0.0.1:PORT and relays to UPSTREAM (HOST:PORT): each
+//!   direction leaves at MBIT megabits a second and arrives RTT_MS / 2
+//!   later, and a new connection waits one RTT first (TCP's handshake).
+//!   Each connection, when it ends, appends to STATS: bytes up and down,
+//!   the client's flights (a flight: the client sends after the server
+//!   did, so a round trip), and its seconds.
+//! - `seed … wan`: the realistic mix with text of a large vocabulary,
+//!   which deflate shrinks about as much as real mail (the plain mix's
+//!   text shrinks about twice as much).
 
 use std::io::Write;
 use std::path::Path;
@@ -46,12 +57,36 @@ const WORDS: &[&str] = &[
     "budget",
 ];
 
-fn text(rng: &mut Rng, size: usize, out: &mut Vec<u8>) {
+/// Text of the small vocabulary, or (`varied`) of a large one, its words
+/// drawn with a skew as in a language.
+fn text(rng: &mut Rng, size: usize, out: &mut Vec<u8>, varied: bool) {
     let start = out.len();
     let mut line = 0;
+    let mut word = Vec::new();
     while out.len() - start < size {
-        let w = WORDS[rng.range(0, WORDS.len() as u64) as usize];
-        out.extend_from_slice(w.as_bytes());
+        word.clear();
+        if varied {
+            // Word k of 20,000, k skewed towards the common ones; its
+            // letters follow from k.
+            let k = (20_000.0 * rng.unit().powi(3)) as u64;
+            let mut h = k.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+            const LETTERS: &[u8] = b"eeeeeeeeeeeettttttttaaaaaaaaoooooooiiiiiiinnnnnnnssssss\
+                hhhhhhrrrrrrddddlllllcccuuummmwwffggyyppbbvkjxqz";
+            let len = 2 + (h % 9) as usize;
+            for _ in 0..len {
+                h ^= h << 13;
+                h ^= h >> 7;
+                h ^= h << 17;
+                word.push(LETTERS[(h % LETTERS.len() as u64) as usize]);
+            }
+            if k % 7 == 0 {
+                word.extend_from_slice(b",");
+            }
+        } else {
+            word.extend_from_slice(WORDS[rng.range(0, WORDS.len() as u64) as usize].as_bytes());
+        }
+        let w = &word;
+        out.extend_from_slice(w);
         line += w.len() + 1;
         if line > 70 {
             out.extend_from_slice(b"\r\n");
@@ -75,7 +110,7 @@ fn base64_lines(rng: &mut Rng, size: usize, out: &mut Vec<u8>) {
     }
 }
 
-fn message(rng: &mut Rng, i: u64, size: usize) -> Vec<u8> {
+fn message(rng: &mut Rng, i: u64, size: usize, varied: bool) -> Vec<u8> {
     let mut m = format!(
         "Return-Path: <sender{}@bench.example>\r\nFrom: Sender {} <sender{}@bench.example>\r\n\
          To: bench@example.test\r\nSubject: benchmark message {i}\r\n\
@@ -88,12 +123,12 @@ fn message(rng: &mut Rng, i: u64, size: usize) -> Vec<u8> {
     .into_bytes();
     if size < 50_000 {
         m.extend_from_slice(b"Content-Type: text/plain; charset=us-ascii\r\n\r\n");
-        text(rng, size, &mut m);
+        text(rng, size, &mut m, varied);
     } else {
         m.extend_from_slice(
             b"Content-Type: multipart/mixed; boundary=\"b\"\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\n",
         );
-        text(rng, 2000, &mut m);
+        text(rng, 2000, &mut m, varied);
         m.extend_from_slice(
             b"--b\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n",
         );
@@ -125,7 +160,7 @@ fn seed(dir: &Path, n: u64, seed: u64, mix: &str) -> std::io::Result<()> {
                 }
             }
         };
-        let m = message(&mut rng, i, size);
+        let m = message(&mut rng, i, size, mix == "wan");
         total += m.len() as u64;
         // Unread, in cur/ so Dovecot need not move it: "N.bench:2,".
         let mut f = std::fs::File::create(
@@ -139,6 +174,119 @@ fn seed(dir: &Path, n: u64, seed: u64, mix: &str) -> std::io::Result<()> {
         total / n.max(1)
     );
     Ok(())
+}
+
+/// What one relayed connection carried.
+#[derive(Default)]
+struct LinkStats {
+    up: std::sync::atomic::AtomicU64,
+    down: std::sync::atomic::AtomicU64,
+    /// Times the client sent after the server had (or first): round trips.
+    flights: std::sync::atomic::AtomicU64,
+    /// 1: the client sent last; 2: the server did.
+    last: std::sync::atomic::AtomicU8,
+}
+
+async fn shape(
+    port: u16,
+    upstream: String,
+    rtt: std::time::Duration,
+    mbit: f64,
+    stats: std::path::PathBuf,
+) -> anyhow::Result<()> {
+    let l = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+    let bytes_per_sec = mbit * 1e6 / 8.0;
+    loop {
+        let (c, _) = l.accept().await?;
+        let (upstream, stats) = (upstream.clone(), stats.clone());
+        tokio::spawn(async move {
+            let t0 = std::time::Instant::now();
+            // TCP's handshake takes a round trip on a real link.
+            tokio::time::sleep(rtt).await;
+            let Ok(u) = tokio::net::TcpStream::connect(&upstream).await else {
+                return;
+            };
+            let _ = (c.set_nodelay(true), u.set_nodelay(true));
+            let (cr, cw) = c.into_split();
+            let (ur, uw) = u.into_split();
+            let st = std::sync::Arc::new(LinkStats::default());
+            tokio::join!(
+                link(cr, uw, rtt / 2, bytes_per_sec, 1, st.clone()),
+                link(ur, cw, rtt / 2, bytes_per_sec, 2, st.clone())
+            );
+            use std::sync::atomic::Ordering::Relaxed;
+            let line = format!(
+                "up={} down={} flights={} secs={:.3}\n",
+                st.up.load(Relaxed),
+                st.down.load(Relaxed),
+                st.flights.load(Relaxed),
+                t0.elapsed().as_secs_f64()
+            );
+            if let Ok(mut f) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&stats)
+            {
+                let _ = f.write_all(line.as_bytes());
+            }
+        });
+    }
+}
+
+/// One direction of the link: what is read leaves at the link's rate (the
+/// next read waits until it has), and is written `delay` later.
+async fn link(
+    mut r: tokio::net::tcp::OwnedReadHalf,
+    mut w: tokio::net::tcp::OwnedWriteHalf,
+    delay: std::time::Duration,
+    bytes_per_sec: f64,
+    side: u8,
+    st: std::sync::Arc<LinkStats>,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    // In flight: up to 4 MB, more than any bandwidth-delay product here.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(tokio::time::Instant, Vec<u8>)>(256);
+    let writer = tokio::spawn(async move {
+        while let Some((at, buf)) = rx.recv().await {
+            tokio::time::sleep_until(at).await;
+            if w.write_all(&buf).await.is_err() {
+                return;
+            }
+        }
+        let _ = w.shutdown().await;
+    });
+    let mut free_at = tokio::time::Instant::now();
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if side == 1 {
+            st.up.fetch_add(n as u64, Relaxed);
+            if st.last.swap(1, Relaxed) != 1 {
+                st.flights.fetch_add(1, Relaxed);
+            }
+        } else {
+            st.down.fetch_add(n as u64, Relaxed);
+            st.last.store(2, Relaxed);
+        }
+        // The link's schedule goes on from where it was, unless it has been
+        // idle (a timer that wakes a millisecond late must not cost the
+        // link a millisecond a chunk).
+        let now = tokio::time::Instant::now();
+        if now > free_at + std::time::Duration::from_millis(5) {
+            free_at = now;
+        }
+        free_at += std::time::Duration::from_secs_f64(n as f64 / bytes_per_sec);
+        if tx.send((free_at + delay, buf[..n].to_vec())).await.is_err() {
+            break;
+        }
+        // The link is busy until then: so is the sender.
+        tokio::time::sleep_until(free_at).await;
+    }
+    drop(tx);
+    let _ = writer.await;
 }
 
 type Imap = tokio::io::BufStream<tokio_native_tls::TlsStream<tokio::net::TcpStream>>;
@@ -359,9 +507,22 @@ fn main() -> anyhow::Result<()> {
                 &args[7],
             ))?;
         }
+        Some("shape") => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(shape(
+                args[2].parse()?,
+                args[3].clone(),
+                std::time::Duration::from_millis(args[4].parse()?),
+                args[5].parse()?,
+                args[6].clone().into(),
+            ))?;
+        }
         _ => anyhow::bail!(
             "usage: bench-tools seed DIR N SEED [MIX] | barefetch HOST PORT USER PASS CAFILE \
-             | pipe HOST PORT USER PASS CAFILE SMTPHOST:PORT"
+             | pipe HOST PORT USER PASS CAFILE SMTPHOST:PORT \
+             | shape PORT UPSTREAM RTT_MS MBIT STATS"
         ),
     }
     Ok(())
