@@ -79,7 +79,7 @@ fn text(rng: &mut Rng, size: usize, out: &mut Vec<u8>, varied: bool) {
                 h ^= h << 17;
                 word.push(LETTERS[(h % LETTERS.len() as u64) as usize]);
             }
-            if k % 7 == 0 {
+            if k.is_multiple_of(7) {
                 word.extend_from_slice(b",");
             }
         } else {
