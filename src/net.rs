@@ -292,3 +292,134 @@ mod tests {
         assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
     }
 }
+
+/// A read buffer below a stream that holds memory only while it holds
+/// bytes: `capacity` bytes are read at once (so that TLS's small reads of
+/// record headers and bodies become one read per burst), and the buffer is
+/// given back once it is drained. A thousand idle IMAP connections then hold
+/// no read buffer at all (a `BufReader` keeps its capacity for life).
+#[derive(Debug)]
+pub struct ReadAhead<S> {
+    inner: S,
+    buf: Vec<u8>,
+    pos: usize,
+    capacity: usize,
+}
+
+impl<S> ReadAhead<S> {
+    pub fn new(capacity: usize, inner: S) -> ReadAhead<S> {
+        ReadAhead {
+            inner,
+            buf: Vec::new(),
+            pos: 0,
+            capacity,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        out: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        let me = &mut *self;
+        if me.pos == me.buf.len() {
+            // A read as large as ours goes straight to the caller.
+            if out.remaining() >= me.capacity {
+                return std::pin::Pin::new(&mut me.inner).poll_read(cx, out);
+            }
+            let mut fresh = std::mem::take(&mut me.buf);
+            fresh.clear();
+            fresh.resize(me.capacity, 0);
+            let mut rb = tokio::io::ReadBuf::new(&mut fresh);
+            match std::pin::Pin::new(&mut me.inner).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) => {
+                    let n = rb.filled().len();
+                    fresh.truncate(n);
+                    me.buf = fresh;
+                    me.pos = 0;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                // Nothing came: no buffer is kept while waiting.
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        let n = out.remaining().min(me.buf.len() - me.pos);
+        out.put_slice(&me.buf[me.pos..me.pos + n]);
+        me.pos += n;
+        if me.pos == me.buf.len() {
+            me.buf = Vec::new();
+            me.pos = 0;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for ReadAhead<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod read_ahead_tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    #[tokio::test]
+    async fn reads_ahead_and_holds_nothing_once_drained() {
+        let (mut a, b) = tokio::io::duplex(1 << 20);
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        a.write_all(&data).await.unwrap();
+        drop(a);
+        let mut r = ReadAhead::new(64 * 1024, b);
+        let mut got = Vec::new();
+        let mut small = [0u8; 5];
+        // Small reads (a TLS record header) are served from one big read.
+        r.read_exact(&mut small).await.unwrap();
+        got.extend_from_slice(&small);
+        assert!(r.buf.capacity() >= 64 * 1024);
+        let mut rest = vec![0u8; 1000];
+        loop {
+            let n = r.read(&mut rest).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&rest[..n]);
+        }
+        assert_eq!(got, data);
+        assert_eq!(r.buf.capacity(), 0, "drained: nothing held");
+    }
+}

@@ -211,6 +211,16 @@ impl Conn {
         }
     }
 
+    /// Gives back a large response buffer that holds nothing: after a
+    /// FETCH it may be as large as the largest message, and a connection
+    /// that will idle for hours needs none of it. The next read allocates
+    /// afresh.
+    fn release_buffer(&mut self) {
+        if self.buf.is_empty() && self.buf.capacity() > 2 * MIN_READ {
+            self.buf = BytesMut::new();
+        }
+    }
+
     /// Room for the next read. A buffer that must grow is replaced by one
     /// of exactly the size the frame still needs (the rest of an announced
     /// literal) plus a slack of half its line bytes (at least a read's
@@ -391,6 +401,7 @@ impl Conn {
                 }
                 Step::Continue(text) => return Err(self.unexpected_continue(what, &text)),
                 Step::Done(done) => {
+                    self.release_buffer();
                     return match refused {
                         Some(why) => Err(ImapError::Protocol {
                             peer: self.peer.clone(),

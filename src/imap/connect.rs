@@ -640,7 +640,9 @@ async fn tls_wrap(account: &Account, stream: BoxIo) -> Result<BoxIo> {
     // OpenSSL reads a record's 5-byte header and then its body, two reads
     // per record; a buffer below it turns those into one large read per
     // burst of records (a 108 MB FETCH: 56,000 reads became 4,700).
-    let stream = tokio::io::BufReader::with_capacity(TLS_READ_BUFFER, stream);
+    // The buffer is held only while it holds bytes: idle connections keep
+    // none.
+    let stream = crate::net::ReadAhead::new(TLS_READ_BUFFER, stream);
     let tls = timed(&peer, account.imap_timeout, connector.connect(host, stream))
         .await
         .with_context(|| format!("TLS handshake with {peer}"))?;
