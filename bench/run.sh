@@ -375,7 +375,13 @@ receivers() {
 account_defaults() {
     echo "[defaults]"
     echo "host = \"localhost\""
-    echo "port = ${LINK_PORT:-$IMAPS_PORT}"
+    if [[ -n ${BENCH_PLAIN:-} ]]; then
+        # Plain IMAP on loopback: what TLS costs the daemon.
+        echo "port = $IMAP_PORT"
+        echo "tls = \"none\""
+    else
+        echo "port = ${LINK_PORT:-$IMAPS_PORT}"
+    fi
     echo "ca_file = \"$CA_FILE\""
     echo "password = \"secret\""
     echo "deliver = \"smtp://127.0.0.1:$sink_port\""
@@ -502,12 +508,14 @@ accounts_over_link() {
         chown -R nobody:nogroup "$HOMES/u$i"
     done
     local count
-    for count in 1 20; do
+    for count in 1 20 20p; do
         {
             echo "ledger = \"$work/link-$count.sqlite3\""
+            # 20p: all twenty at once.
+            [[ $count == 20p ]] && echo "parallel_accounts = 20"
             account_defaults
             echo "initial = \"all\""
-            for u in "${names[@]:0:$count}"; do
+            for u in "${names[@]:0:${count%p}}"; do
                 printf '[accounts.%s]\nusername = "%s"\n' "$u" "$u"
             done
         } > "$work/link-$count.toml"
@@ -518,7 +526,7 @@ accounts_over_link() {
         for _ in 1 2 3 4 5; do
             /usr/bin/time -f "%e" -a -o "$work/link-$count.times" "$imapull" --config "$work/link-$count.toml" -q run
         done
-        echo "  $count account(s), nothing new: $(sort -n "$work/link-$count.times" | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}') s (median of 5)"
+        echo "  $count account(s)$([[ $count == 20p ]] && echo ", parallel_accounts = 20"), nothing new: $(sort -n "$work/link-$count.times" | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}') s (median of 5)"
     done
 }
 

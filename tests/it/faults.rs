@@ -50,6 +50,12 @@ fn untrusted_certificate_is_refused() {
     let out = case.run(&["run"]);
     assert_exit(&out, 69);
     assert!(stderr(&out).contains("TLS handshake"), "{}", stderr(&out));
+    // check names the cause and what to set.
+    let out = case.run(&["check"]);
+    assert_exit(&out, 69);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.contains("the TLS handshake failed"), "{text}");
+    assert!(text.contains("certificate verify failed"), "{text}");
 }
 
 #[test]
