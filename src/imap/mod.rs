@@ -162,15 +162,28 @@ impl Imap {
     /// the amount say so ([`should_compress`]). A server that refuses it is
     /// no error: the pass goes on uncompressed.
     pub async fn compress_for(&mut self, bytes: u64) -> Result<()> {
+        let judge = |me: &Self| {
+            should_compress(
+                me.compress,
+                me.has("COMPRESS=DEFLATE"),
+                me.compressed,
+                me.will_idle,
+                me.conn.min_rtt(),
+                bytes,
+            )
+        };
+        let mut yes = judge(self);
+        // The commands timed so far (the login, SELECT, SEARCH, the sizes)
+        // all make the server work, and on a large mailbox each may take a
+        // few milliseconds on a LAN or loopback: before compressing a link
+        // that looks slow, one NOOP (which costs the server nothing) times
+        // the round trip itself. On a real WAN it costs that round trip,
+        // on a pass that fetches at least AUTO_COMPRESS_BYTES.
+        if yes && self.compress == Compress::Auto {
+            self.simple("NOOP", &[Part::Text("NOOP")]).await?;
+            yes = judge(self);
+        }
         let rtt = self.conn.min_rtt();
-        let yes = should_compress(
-            self.compress,
-            self.has("COMPRESS=DEFLATE"),
-            self.compressed,
-            self.will_idle,
-            rtt,
-            bytes,
-        );
         // The measured round trip, in microseconds, either way: what `auto`
         // judged the link by.
         let rtt_us = rtt.map(|r| r.as_micros());

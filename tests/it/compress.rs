@@ -81,6 +81,28 @@ fn auto_compresses_a_pass_over_a_slow_link_only() {
     assert!(cmds.iter().any(|c| c.contains("BODY.PEEK[]")), "{cmds:?}");
 }
 
+/// A server slow at its work (every command but NOOP takes 20 ms) on a
+/// fast link: the round trip NOOP measures says fast, and nothing is
+/// compressed.
+#[test]
+fn auto_times_a_noop_before_it_takes_a_busy_server_for_a_slow_link() {
+    let cmds = on_a_fast_link(|| {
+        let server = MailServer::start("UIDPLUS COMPRESS=DEFLATE", big_messages(3));
+        server.state.lock().unwrap().work = Duration::from_millis(20);
+        let smtp = FakeSmtp::start(|_, _| "250 ok".into());
+        let case = Case::new(&smtp.url(), &["x@example.test"], "initial = \"all\"");
+        case.use_imap_at(server.port, "none");
+        let out = case.run(&["-v", "run"]);
+        assert_exit(&out, 0);
+        assert_eq!(smtp.messages().len(), 3);
+        let cmds = server.commands();
+        let asked = cmds.iter().any(|c| c.contains("COMPRESS"));
+        (stderr(&out), asked, cmds)
+    });
+    assert!(cmds.iter().any(|c| c.contains("NOOP")), "{cmds:?}");
+    assert!(!cmds.iter().any(|c| c.contains("COMPRESS")), "{cmds:?}");
+}
+
 #[test]
 fn compress_true_deflates_a_pass_with_dovecot_and_auto_on_loopback_does_not() {
     let pass = |setting: &str| {

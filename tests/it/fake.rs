@@ -387,6 +387,9 @@ pub struct MailState {
     pub expunge_mid_fetch: Option<u32>,
     /// Wait this long before every reply: a server across a slow link.
     pub delay: Duration,
+    /// Wait this long before every reply but NOOP's: a busy server on a
+    /// fast link (a large mailbox's SELECT, SEARCH, FETCH take time).
+    pub work: Duration,
     /// Keep `fault` after it was injected: every such command fails.
     pub sticky: bool,
     /// The session being served, for [`MailServer::hang_up`].
@@ -550,10 +553,14 @@ fn mail_session(s: TcpStream, caps: &str, state: &Mutex<MailState>) -> std::io::
                 Fault::Drop => return Ok(()),
             }
         }
-        if !st.delay.is_zero() {
-            let d = st.delay;
+        let is_noop = line
+            .split_whitespace()
+            .nth(1)
+            .is_some_and(|c| c.eq_ignore_ascii_case("NOOP"));
+        let wait = st.delay + if is_noop { Duration::ZERO } else { st.work };
+        if !wait.is_zero() {
             drop(st);
-            std::thread::sleep(d);
+            std::thread::sleep(wait);
             st = state.lock().unwrap();
         }
         if st.chatty {
