@@ -244,13 +244,10 @@ bench() {
     done
 }
 
-# Twenty accounts on the same server, five small messages each: one run
-# that pulls them all, then one with nothing new, with the accounts worked
-# on one at a time and eight at a time.
-accounts() {
-    local names=() i
+# The users u0..u19, five small messages each (seeded by their number).
+twenty_users() {
+    local i
     for i in $(seq 0 19); do
-        names+=("u$i")
         scripts/testenv.sh adduser "$work" "u$i"
         rm -rf "$work/seed20"
         "$tools" seed "$work/seed20" 5 "$i" small >/dev/null
@@ -258,6 +255,14 @@ accounts() {
         cp -a "$work/seed20" "$HOMES/u$i/Maildir"
         chown -R nobody:nogroup "$HOMES/u$i"
     done
+}
+
+# Twenty accounts on the same server, five small messages each: one run
+# that pulls them all, then one with nothing new, with the accounts worked
+# on one at a time and eight at a time.
+accounts() {
+    local names=(u{0..19})
+    twenty_users
     for par in 1 8; do
         {
             echo "ledger = \"$work/accounts-$par.sqlite3\""
@@ -497,16 +502,8 @@ link() {
 # Twenty accounts of five messages each, pulled once, then timed with
 # nothing new, against one account alone (same link).
 accounts_over_link() {
-    local names=() i
-    for i in $(seq 0 19); do
-        names+=("u$i")
-        scripts/testenv.sh adduser "$work" "u$i"
-        rm -rf "$work/seedw"
-        "$tools" seed "$work/seedw" 5 "$i" small >/dev/null
-        rm -rf "$HOMES/u$i/Maildir"
-        cp -a "$work/seedw" "$HOMES/u$i/Maildir"
-        chown -R nobody:nogroup "$HOMES/u$i"
-    done
+    local names=(u{0..19})
+    twenty_users
     local count
     for count in 1 20 20p; do
         {

@@ -506,6 +506,20 @@ async fn reply_codes_outside_2xx_to_5xx_defer_and_drop_the_session() {
     assert!(p.open && p.finished, "{:?}", p.seen);
 }
 
+/// The first message, with the second one's envelope right after its ".".
+fn first_then_the_next_envelope() -> Vec<Step> {
+    vec![
+        Read("MAIL FROM:<s@remote.test>"),
+        Read("RCPT TO:<a@x>"),
+        Read("DATA"),
+        Send("250 ok\r\n250 ok\r\n354 go\r\n"),
+        Message,
+        Read("MAIL FROM:<s@remote.test>"),
+        Read("RCPT TO:<b@x>"),
+        Read("DATA"),
+    ]
+}
+
 /// Two deliveries on one session, the first told of the second
 /// ([`super::Upcoming`]); then `after` (QUIT or a third delivery).
 async fn play_two(
@@ -551,21 +565,17 @@ async fn the_next_envelope_goes_out_with_the_final_dot() {
     // message: a client that waited for the 250 would hang here.
     let (got, p) = play_two(
         PIPELINING,
-        vec![
-            Read("MAIL FROM:<s@remote.test>"),
-            Read("RCPT TO:<a@x>"),
-            Read("DATA"),
-            Send("250 ok\r\n250 ok\r\n354 go\r\n"),
-            Message,
-            Read("MAIL FROM:<s@remote.test>"),
-            Read("RCPT TO:<b@x>"),
-            Read("DATA"),
-            Send("250 queued 1\r\n|250 ok\r\n250 ok\r\n|354 go\r\n"),
-            Message,
-            Send("250 queued 2\r\n"),
-            Read("QUIT"),
-            Send("221 bye\r\n"),
-        ],
+        [
+            first_then_the_next_envelope(),
+            vec![
+                Send("250 queued 1\r\n|250 ok\r\n250 ok\r\n|354 go\r\n"),
+                Message,
+                Send("250 queued 2\r\n"),
+                Read("QUIT"),
+                Send("221 bye\r\n"),
+            ],
+        ]
+        .concat(),
         env(&["b@x"]),
         None,
     )
@@ -586,21 +596,17 @@ async fn the_next_envelope_goes_out_with_the_final_dot() {
 async fn a_refused_first_message_leaves_the_envelope_sent_ahead_in_use() {
     let (got, p) = play_two(
         PIPELINING,
-        vec![
-            Read("MAIL FROM:<s@remote.test>"),
-            Read("RCPT TO:<a@x>"),
-            Read("DATA"),
-            Send("250 ok\r\n250 ok\r\n354 go\r\n"),
-            Message,
-            Read("MAIL FROM:<s@remote.test>"),
-            Read("RCPT TO:<b@x>"),
-            Read("DATA"),
-            Send("554 5.7.1 spam\r\n250 ok\r\n250 ok\r\n354 go\r\n"),
-            Message,
-            Send("250 queued 2\r\n"),
-            Read("QUIT"),
-            Send("221 bye\r\n"),
-        ],
+        [
+            first_then_the_next_envelope(),
+            vec![
+                Send("554 5.7.1 spam\r\n250 ok\r\n250 ok\r\n354 go\r\n"),
+                Message,
+                Send("250 queued 2\r\n"),
+                Read("QUIT"),
+                Send("221 bye\r\n"),
+            ],
+        ]
+        .concat(),
         env(&["b@x"]),
         None,
     )
@@ -618,17 +624,11 @@ async fn an_envelope_sent_ahead_for_another_message_ends_the_session_without_qui
     // the deliverer's own socket does not exist).
     let (got, p) = play_two(
         PIPELINING,
-        vec![
-            Read("MAIL FROM:<s@remote.test>"),
-            Read("RCPT TO:<a@x>"),
-            Read("DATA"),
-            Send("250 ok\r\n250 ok\r\n354 go\r\n"),
-            Message,
-            Read("MAIL FROM:<s@remote.test>"),
-            Read("RCPT TO:<b@x>"),
-            Read("DATA"),
-            Send("250 queued 1\r\n250 ok\r\n250 ok\r\n354 go\r\n"),
-        ],
+        [
+            first_then_the_next_envelope(),
+            vec![Send("250 queued 1\r\n250 ok\r\n250 ok\r\n354 go\r\n")],
+        ]
+        .concat(),
         env(&["b@x"]),
         Some(env(&["c@x"])),
     )
