@@ -259,11 +259,11 @@ twenty_users() {
 
 # Twenty accounts on the same server, five small messages each: one run
 # that pulls them all, then one with nothing new, with the accounts worked
-# on one at a time and eight at a time.
+# on one, eight and twenty (the default) at a time.
 accounts() {
     local names=(u{0..19})
     twenty_users
-    for par in 1 8; do
+    for par in 1 8 20; do
         {
             echo "ledger = \"$work/accounts-$par.sqlite3\""
             echo "parallel_accounts = $par"

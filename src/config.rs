@@ -91,10 +91,14 @@ const DEFAULT_RETRY_INTERVAL: Duration = Duration::from_secs(30);
 /// The longest wait between two retries of deferred mail.
 const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(600);
 
-/// How many accounts one run works on at once, by default. Each holds one
-/// IMAP and one delivery connection; eight makes twenty small mailboxes
-/// take about as long as three, without flooding the local server.
-const DEFAULT_PARALLEL_ACCOUNTS: usize = 8;
+/// How many accounts one run works on at once, by default. A pass with
+/// nothing new is bound by round trips: over a 40 ms link twenty accounts
+/// took 0.88 s eight at a time, 0.42 s all at once, against 0.30 s for
+/// one. Each holds one IMAP connection, and one to the local server only
+/// while it delivers (twenty sessions are well within Postfix's and
+/// Dovecot's defaults); the mail fetched and not yet delivered is bounded
+/// for the whole process (`PROCESS_IN_FLIGHT_BYTES`), not per account.
+const DEFAULT_PARALLEL_ACCOUNTS: usize = 20;
 
 /// The file as written. Every field is optional here so that `[defaults]`
 /// and `[accounts.NAME]` share one shape; [`Config::from_raw`] decides what

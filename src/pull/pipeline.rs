@@ -31,6 +31,20 @@ pub const PIPELINE_DEPTH: usize = 2;
 /// near this plus the largest message, however many sessions there are.
 pub const IN_FLIGHT_BYTES: usize = 8 << 20;
 
+/// Bytes of fetched messages waiting for or in delivery over every pass of
+/// the process (the accounts of a run, the daemon's mailboxes): many
+/// accounts at once hold about this much mail whatever their number.
+pub const PROCESS_IN_FLIGHT_BYTES: usize = 32 << 20;
+
+/// The process's share of [`PROCESS_IN_FLIGHT_BYTES`].
+fn process_budget() -> std::sync::Arc<tokio::sync::Semaphore> {
+    static BUDGET: std::sync::OnceLock<std::sync::Arc<tokio::sync::Semaphore>> =
+        std::sync::OnceLock::new();
+    BUDGET
+        .get_or_init(|| std::sync::Arc::new(tokio::sync::Semaphore::new(PROCESS_IN_FLIGHT_BYTES)))
+        .clone()
+}
+
 /// Bytes asked for in one UID FETCH (a bigger message goes alone).
 pub const FETCH_BATCH_BYTES: u64 = 16 << 20;
 
@@ -46,9 +60,15 @@ pub struct Run {
     pub fetch_error: Option<anyhow::Error>,
 }
 
-/// A fetched message and its share of [`IN_FLIGHT_BYTES`], released when
-/// its delivery is over.
-type InFlight = (Fetch, tokio::sync::OwnedSemaphorePermit);
+/// A fetched message and its shares of [`IN_FLIGHT_BYTES`] and of
+/// [`PROCESS_IN_FLIGHT_BYTES`], released when its delivery is over.
+type InFlight = (
+    Fetch,
+    (
+        tokio::sync::OwnedSemaphorePermit,
+        tokio::sync::OwnedSemaphorePermit,
+    ),
+);
 
 /// The fetch side's end of the pipeline.
 struct Feed {
@@ -61,13 +81,19 @@ impl Feed {
     /// room; false when delivery has stopped.
     async fn hand_over(&self, f: Fetch, len: usize) -> bool {
         let share = len.clamp(1, IN_FLIGHT_BYTES) as u32;
-        let permit = self
+        // The pass's own budget first, then the process's: a pass never
+        // holds the process's share while it waits for its own.
+        let pass = self
             .budget
             .clone()
             .acquire_many_owned(share)
             .await
             .expect("the semaphore is never closed");
-        self.tx.send((f, permit)).await.is_ok()
+        let process = process_budget()
+            .acquire_many_owned(share)
+            .await
+            .expect("the semaphore is never closed");
+        self.tx.send((f, (pass, process))).await.is_ok()
     }
 }
 
