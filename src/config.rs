@@ -1664,7 +1664,14 @@ recipients = ["b@x", "c@x"]
     fn the_example_config_is_valid() {
         let text = include_str!("../imapull.example.toml");
         let c = Config::parse(Path::new("imapull.example.toml"), text).unwrap();
-        assert_eq!(c.accounts.len(), 2);
+        assert_eq!(c.accounts.len(), 3);
+        assert!(matches!(
+            c.account("work").unwrap().auth,
+            Auth::OAuth2 {
+                source: TokenSource::Builtin(_),
+                ..
+            }
+        ));
         let relay = c.account("relay").unwrap();
         assert_eq!(relay.port, 143);
         assert_eq!(relay.deliver.to_string(), "smtp://127.0.0.1:25");
