@@ -17,7 +17,8 @@
 #                                     (with IMAPULL_BASE: A/B of nothing new)
 #   bench/run.sh compress [N] [MIX]   bytes on the wire with and without DEFLATE
 #   bench/run.sh stop [N]             a daemon on N (1000) idling accounts:
-#                                     its RSS, Dovecot's processes, SIGTERM time
+#                                     its RSS, idle CPU, arrival-to-delivery
+#                                     time, Dovecot's processes, SIGTERM time
 #   bench/run.sh receivers [N] [RUNS] imapull into Postfix and Dovecot LMTP,
 #                                     one and two delivery sessions
 #   bench/run.sh link [RTT MBIT N]    a slow link (default 40 ms, 50 Mbit/s,
@@ -431,6 +432,29 @@ stop_time() {
     procs=$(pgrep -c -x imap || true)
     hib=$(pgrep -c -x imap-hibernate || true)
     rss=$(ps -o rss= -p "$pid")
+    # CPU while idle: the daemon's user and system ticks over 20 s.
+    local ticks0 ticks1 hz
+    hz=$(getconf CLK_TCK)
+    ticks0=$(awk '{print $14 + $15}' "/proc/$pid/stat")
+    sleep 20
+    ticks1=$(awk '{print $14 + $15}' "/proc/$pid/stat")
+    # Arrival to delivery: ten messages, one at a time, each to a random
+    # account, timed from the end of `doveadm save` (the message is in the
+    # mailbox) to smtp-sink's count going up.
+    rm -rf "$work/one"
+    "$tools" seed "$work/one" 1 7 small >/dev/null
+    local msg k before t_saved t_got
+    msg=$(ls "$work/one/cur/"*)
+    : > "$work/arrivals"
+    for k in $(seq 1 10); do
+        before=$(sink_count)
+        doveadm -c "$DOVECOT_CONF" save -u "u$(( RANDOM % n ))" < "$msg"
+        t_saved=$(date +%s.%N)
+        while (( $(sink_count) <= before )); do sleep 0.002; done
+        t_got=$(date +%s.%N)
+        awk -v a="$t_saved" -v b="$t_got" 'BEGIN {printf "%.1f\n", (b - a) * 1000}' >> "$work/arrivals"
+        sleep 0.5
+    done
     t0=$(date +%s.%N)
     kill -TERM "$pid"
     wait "$pid" || echo "bench: the daemon exited $?" >&2
@@ -438,6 +462,11 @@ stop_time() {
     printf '%d accounts idling: daemon RSS %.1f MB; Dovecot: %d imap, %d imap-hibernate processes\n' \
         "$n" "$(awk -v k="$rss" 'BEGIN {print k / 1024}')" "$procs" "$hib"
     printf 'SIGTERM to exit: %.2f s\n' "$(awk -v a="$t0" -v b="$t1" 'BEGIN {print b - a}')"
+    printf 'CPU while idle: %.2f %% of a core (over 20 s)\n' \
+        "$(awk -v a="$ticks0" -v b="$ticks1" -v hz="$hz" 'BEGIN {print (b - a) / hz / 20 * 100}')"
+    printf 'arrival to delivery: median %s ms, max %s ms (10 messages, from doveadm save to smtp-sink)\n' \
+        "$(sort -n "$work/arrivals" | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}')" \
+        "$(sort -n "$work/arrivals" | tail -1)"
     grep -iE 'error|fatal|warning' "$DOVECOT_LOG_FILE" 2>/dev/null | sort | uniq -c | sort -rn | head -5 || true
 }
 
