@@ -55,21 +55,26 @@ fn on_a_fast_link<T>(mut once: impl FnMut() -> (String, bool, T)) -> T {
     panic!("loopback never measured faster than a WAN; round trips seen: {seen:?}");
 }
 
+/// One `compress = "auto"` pass of three big messages from a scripted
+/// server that `slow` sets up: its log, whether it asked for COMPRESS, and
+/// the commands the server saw.
+fn fake_pass(slow: impl Fn(&mut crate::fake::MailState)) -> (String, bool, Vec<String>) {
+    let server = MailServer::start("UIDPLUS COMPRESS=DEFLATE", big_messages(3));
+    slow(&mut server.state.lock().unwrap());
+    let smtp = FakeSmtp::start(|_, _| "250 ok".into());
+    let case = Case::new(&smtp.url(), &["x@example.test"], "initial = \"all\"");
+    case.use_imap_at(server.port, "none");
+    let out = case.run(&["-v", "run"]);
+    assert_exit(&out, 0);
+    assert_eq!(smtp.messages().len(), 3);
+    let cmds = server.commands();
+    let asked = cmds.iter().any(|c| c.contains("COMPRESS DEFLATE"));
+    (stderr(&out), asked, cmds)
+}
+
 #[test]
 fn auto_compresses_a_pass_over_a_slow_link_only() {
-    let pass = |delay: Duration| {
-        let server = MailServer::start("UIDPLUS COMPRESS=DEFLATE", big_messages(3));
-        server.state.lock().unwrap().delay = delay;
-        let smtp = FakeSmtp::start(|_, _| "250 ok".into());
-        let case = Case::new(&smtp.url(), &["x@example.test"], "initial = \"all\"");
-        case.use_imap_at(server.port, "none");
-        let out = case.run(&["-v", "run"]);
-        assert_exit(&out, 0);
-        assert_eq!(smtp.messages().len(), 3);
-        let cmds = server.commands();
-        let asked = cmds.iter().any(|c| c.contains("COMPRESS DEFLATE"));
-        (stderr(&out), asked, cmds)
-    };
+    let pass = |delay: Duration| fake_pass(|st| st.delay = delay);
     // 30 ms each way is slow whatever the machine's load.
     let (_, asked, cmds) = pass(Duration::from_millis(30));
     assert!(asked, "{cmds:?}");
@@ -86,19 +91,7 @@ fn auto_compresses_a_pass_over_a_slow_link_only() {
 /// compressed.
 #[test]
 fn auto_times_a_noop_before_it_takes_a_busy_server_for_a_slow_link() {
-    let cmds = on_a_fast_link(|| {
-        let server = MailServer::start("UIDPLUS COMPRESS=DEFLATE", big_messages(3));
-        server.state.lock().unwrap().work = Duration::from_millis(20);
-        let smtp = FakeSmtp::start(|_, _| "250 ok".into());
-        let case = Case::new(&smtp.url(), &["x@example.test"], "initial = \"all\"");
-        case.use_imap_at(server.port, "none");
-        let out = case.run(&["-v", "run"]);
-        assert_exit(&out, 0);
-        assert_eq!(smtp.messages().len(), 3);
-        let cmds = server.commands();
-        let asked = cmds.iter().any(|c| c.contains("COMPRESS"));
-        (stderr(&out), asked, cmds)
-    });
+    let cmds = on_a_fast_link(|| fake_pass(|st| st.work = Duration::from_millis(20)));
     assert!(cmds.iter().any(|c| c.contains("NOOP")), "{cmds:?}");
     assert!(!cmds.iter().any(|c| c.contains("COMPRESS")), "{cmds:?}");
 }
