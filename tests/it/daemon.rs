@@ -190,11 +190,7 @@ fn sighup_adds_and_removes_mailboxes_and_survives_a_broken_config() {
 
 #[test]
 fn local_server_down_defers_then_delivers_after_it_is_back() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let case = Case::new(&format!("smtp://127.0.0.1:{port}"), &["x@example.test"], "");
     let d = Daemon::start(&case);
     d.wait_log("pass done", 1);
@@ -216,11 +212,7 @@ fn local_server_down_defers_then_delivers_after_it_is_back() {
 /// signal: the retry delivers it, once.
 #[test]
 fn deferred_mail_is_retried_on_its_own_schedule() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let case = Case::new(
         &format!("smtp://127.0.0.1:{port}"),
         &["x@example.test"],

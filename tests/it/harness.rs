@@ -200,6 +200,16 @@ pub fn pseudo_random(max: u64) -> u64 {
     (n.wrapping_mul(6364136223846793005) >> 20) % max
 }
 
+/// A loopback port nothing listens on (the listener that found it is gone):
+/// a local server that is down, or a port for the daemon to serve on.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// A unique number for this test binary run.
 pub fn unique() -> u32 {
     NEXT.fetch_add(1, Ordering::SeqCst)

@@ -99,11 +99,7 @@ fn get(port: u16, path: &str) -> (u16, String) {
 fn the_daemon_serves_metrics_and_a_health_check_that_fails_in_trouble() {
     let server = MailServer::start("IDLE UIDPLUS", vec![fake_message(1)]);
     let smtp = FakeSmtp::start(|_, _| "250 ok".into());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let case = Case::new(
         &smtp.url(),
         &["x@example.test"],

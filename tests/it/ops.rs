@@ -252,11 +252,7 @@ fn check_says_what_is_wrong_and_how_to_fix_it() {
     assert_exit(&out, 78);
     assert!(stdout(&out).contains("MISSING: Nope"), "{}", stdout(&out));
     // No local server.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let case = Case::new(&format!("smtp://127.0.0.1:{port}"), &["x@example.test"], "");
     let out = case.run(&["check"]);
     assert_exit(&out, 69);
