@@ -822,15 +822,12 @@ impl LedgerHandle {
             if let Ok(l) = self.inner.try_lock() {
                 let recorded = l.record(&attempt).map_err(|e| e.context(LedgerFailure));
                 drop(l);
-                let ok = recorded.is_ok();
-                let _ = tx.send(recorded);
-                if !ok {
-                    then(Err(anyhow::anyhow!("the delivery was not recorded")));
-                } else if self.count_grouped() {
-                    let me = self.clone();
-                    tokio::task::spawn_blocking(move || then(me.sync_blocking()));
-                } else {
-                    then(Ok(()));
+                match self.committed(recorded, tx, durability) {
+                    Ok(true) => {
+                        let me = self.clone();
+                        tokio::task::spawn_blocking(move || then(me.sync_blocking()));
+                    }
+                    r => then(r.map(drop)),
                 }
                 return rx;
             }
@@ -843,18 +840,34 @@ impl LedgerHandle {
                 .unwrap_or_else(|p| p.into_inner())
                 .record(&attempt)
                 .map_err(|e| e.context(LedgerFailure));
-            let ok = recorded.is_ok();
-            let _ = tx.send(recorded);
-            if !ok {
-                return then(Err(anyhow::anyhow!("the delivery was not recorded")));
-            }
-            then(match durability {
-                Durability::Message => me.sync_blocking(),
-                Durability::Grouped if me.count_grouped() => me.sync_blocking(),
-                Durability::Grouped => Ok(()),
-            });
+            then(me.committed(recorded, tx, durability).and_then(|sync| {
+                if sync {
+                    me.sync_blocking()
+                } else {
+                    Ok(())
+                }
+            }));
         });
         rx
+    }
+
+    /// Hands a commit's result to the delivery waiting for it; whether an
+    /// fsync must follow now (an error: the delivery was not recorded).
+    fn committed(
+        &self,
+        recorded: Result<()>,
+        tx: tokio::sync::oneshot::Sender<Result<()>>,
+        durability: Durability,
+    ) -> Result<bool> {
+        let ok = recorded.is_ok();
+        let _ = tx.send(recorded);
+        if !ok {
+            anyhow::bail!("the delivery was not recorded");
+        }
+        Ok(match durability {
+            Durability::Message => true,
+            Durability::Grouped => self.count_grouped(),
+        })
     }
 
     /// The fsyncs of the log so far.

@@ -384,18 +384,17 @@ pub fn report(name: &str, cfg: &OAuth2, now: i64) -> Report {
         Some(format!(
             "the token file is of another client_id: run {hint}"
         ))
-    } else if let Some(refused) = &s.refused {
-        Some(match cfg.flow {
-            Flow::ClientCredentials => format!(
-                "the provider refused the application's credentials ({})",
-                refused.error
-            ),
-            _ => format!(
-                "the provider refused the refresh token at {} ({}): run {hint}",
-                crate::ops::status::rfc3339(refused.at),
-                refused.error
-            ),
-        })
+    } else if let Some(refused) = s
+        .refused
+        .as_ref()
+        // Only a refresh records a refusal; app-only access asks anew.
+        .filter(|_| cfg.flow != Flow::ClientCredentials)
+    {
+        Some(format!(
+            "the provider refused the refresh token at {} ({}): run {hint}",
+            crate::ops::status::rfc3339(refused.at),
+            refused.error
+        ))
     } else if let (Some(end), Some(l)) = (r.refresh_expires_at, cfg.refresh_token_lifetime) {
         (end - now <= warn_before(l.as_secs() as i64)).then(|| {
             format!(
