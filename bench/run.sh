@@ -6,7 +6,8 @@
 # bare client that issues one UID FETCH 1:* and discards the bytes, and the
 # end-to-end limit (e2e), a bare client that streams that FETCH into one
 # pipelined SMTP session with no ledger. imapull-2s is imapull with two
-# delivery sessions, imapull-grouped and imapull-msg imapull with each
+# delivery sessions, imapull-2si with two independent ones
+# (independent_sessions), imapull-grouped and imapull-msg imapull with each
 # durability, imapull-base another build of imapull named by IMAPULL_BASE
 # (before/after a change; BENCH_TOOLS picks tools). As root on Debian:
 #
@@ -20,7 +21,8 @@
 #                                     its RSS, idle CPU, arrival-to-delivery
 #                                     time, Dovecot's processes, SIGTERM time
 #   bench/run.sh receivers [N] [RUNS] imapull into Postfix and Dovecot LMTP,
-#                                     one and two delivery sessions
+#                                     one, two, and two independent
+#                                     delivery sessions
 #   bench/run.sh link [RTT MBIT N]    a slow link (default 40 ms, 50 Mbit/s,
 #                                     1000 messages): first pull with and
 #                                     without COMPRESS, nothing new and its
@@ -125,6 +127,8 @@ CONF
     # imapull-2s: two delivery sessions instead of the default one;
     # imapull-grouped and imapull-msg: each durability, whatever the default.
     sed 's/^compress = .*/&\ndelivery_sessions = 2/' "$work/imapull.toml" > "$work/imapull-2s.toml"
+    sed 's/^compress = .*/&\ndelivery_sessions = 2\nindependent_sessions = true/' \
+        "$work/imapull.toml" > "$work/imapull-2si.toml"
     sed 's/^compress = .*/&\ndurability = "grouped"/' "$work/imapull.toml" > "$work/imapull-grouped.toml"
     sed 's/^compress = .*/&\ndurability = "message"/' "$work/imapull.toml" > "$work/imapull-msg.toml"
     # imapull-z and imapull-nz: COMPRESS on every pass, and never.
@@ -162,7 +166,7 @@ run_tool() {
             rm -f "$work"/ledger.sqlite3*
             timed "$imapull" --config "$work/imapull.toml" -q run
             ;;
-        imapull-2s | imapull-grouped | imapull-msg | imapull-z | imapull-nz)
+        imapull-2s | imapull-2si | imapull-grouped | imapull-msg | imapull-z | imapull-nz)
             rm -f "$work"/ledger.sqlite3*
             timed "$imapull" --config "$work/$1.toml" -q run
             ;;
@@ -332,7 +336,8 @@ compress() {
     done
 }
 
-# imapull into real receivers, with one and two delivery sessions: Postfix
+# imapull into real receivers, with one, two and two independent delivery
+# sessions (2i: independent_sessions): Postfix
 # over SMTP (queue file fsynced before its 250, then virtual delivery to a
 # Maildir) and Dovecot over LMTP (the message saved before its 250). The
 # time is imapull's run; the count waits for Postfix's queue to drain.
@@ -348,11 +353,12 @@ receivers() {
         else
             url="lmtp://127.0.0.1:$LMTP_PORT" rcpt=u7@example.test dir=$HOMES/u7/Maildir
         fi
-        for s in 1 2; do
+        for s in 1 2 2i; do
             sed -e "s|^deliver = .*|deliver = \"$url\"|" \
                 -e "s|^recipients = .*|recipients = [\"$rcpt\"]|" \
-                -e "s|^compress = .*|&\ndelivery_sessions = $s|" \
+                -e "s|^compress = .*|&\ndelivery_sessions = ${s%i}|" \
                 "$work/imapull.toml" > "$work/receiver.toml"
+            [[ $s == *i ]] && echo 'independent_sessions = true' >> "$work/receiver.toml"
             chmod 600 "$work/receiver.toml"
             : > "$work/runs"
             for _ in $(seq 1 "$runs"); do

@@ -149,6 +149,7 @@ pub struct RawAccount {
     pub deliver_timeout: Option<HumanDuration>,
     pub max_deferrals: Option<u32>,
     pub delivery_sessions: Option<u32>,
+    pub independent_sessions: Option<bool>,
     pub durability: Option<Durability>,
     pub purge_after: Option<PurgeAfter>,
     pub purge_interval: Option<HumanDuration>,
@@ -503,9 +504,12 @@ pub struct Account {
     pub deliver_timeout: Duration,
     /// Consecutive deferrals after which a pass stops early.
     pub max_deferrals: u32,
-    /// Delivery sessions a pass uses at once (their messages still complete
-    /// one at a time, in UID order).
+    /// Delivery sessions a pass uses at once (their messages complete one
+    /// at a time, in UID order, unless `independent_sessions`).
     pub delivery_sessions: usize,
+    /// Each delivery session completes its messages without waiting for
+    /// the others: the crash window becomes one message per session.
+    pub independent_sessions: bool,
     /// How often the ledger is fsynced while mail is delivered.
     pub durability: Durability,
     /// How often the purge runs after a pass (not for `purge_after = 0`).
@@ -683,6 +687,7 @@ fn merge(d: &RawAccount, a: RawAccount) -> RawAccount {
         deliver_timeout,
         max_deferrals,
         delivery_sessions,
+        independent_sessions,
         durability,
         purge_after,
         purge_interval,
@@ -950,6 +955,7 @@ fn common(
         deliver_timeout: dur(a.deliver_timeout, DEFAULT_TIMEOUT),
         max_deferrals: limits.max_deferrals,
         delivery_sessions: limits.delivery_sessions,
+        independent_sessions: a.independent_sessions.unwrap_or(false),
         durability: a.durability.unwrap_or(DEFAULT_DURABILITY),
         purge_interval: dur(a.purge_interval, DEFAULT_PURGE_INTERVAL),
         purge_max: limits.purge_max,
@@ -1431,6 +1437,7 @@ recipients = ["me@example.org"]
         assert_eq!(a.compress, Compress::Auto);
         assert_eq!(a.initial, Initial::Unseen);
         assert_eq!(a.sender, SenderPolicy::Auto);
+        assert_eq!((a.delivery_sessions, a.independent_sessions), (1, false));
         assert_eq!(
             a.deliver,
             Deliver {
@@ -1583,6 +1590,8 @@ password = "pw"
 deliver = "smtp://[::1]:2525"
 recipients = ["a@x"]
 mark_seen = false
+delivery_sessions = 2
+independent_sessions = true
 [accounts.one]
 host = "h"
 username = "u"
@@ -1593,11 +1602,14 @@ username = "u"
 password_command = ["pass", "show", "imap"]
 mark_seen = true
 recipients = ["b@x", "c@x"]
+independent_sessions = false
 "#;
         let c = parse(text).unwrap();
         let one = c.account("one").unwrap();
         let two = c.account("two").unwrap();
         assert!(!one.mark_seen && two.mark_seen);
+        assert!(one.independent_sessions && !two.independent_sessions);
+        assert_eq!((one.delivery_sessions, two.delivery_sessions), (2, 2));
         assert_eq!(one.recipients, vec!["a@x"]);
         assert_eq!(two.recipients, vec!["b@x", "c@x"]);
         assert_eq!(one.deliver.to_string(), "smtp://[::1]:2525");

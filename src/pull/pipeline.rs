@@ -7,7 +7,9 @@
 //! the largest, whatever the size of the mailbox. Messages are accepted one
 //! at a time, in UID order: each one's final "." waits for its [`Turn`],
 //! passed when the message before has its outcome committed and fsynced,
-//! while its body is already on the wire.
+//! while its body is already on the wire. With `independent_sessions`, the
+//! turns run per session instead: each session's messages are accepted in
+//! order, one at a time, and the sessions accept theirs side by side.
 
 use std::collections::HashMap;
 
@@ -105,7 +107,8 @@ struct Queue {
     /// fsynced: the next message's final "." waits for it. So however many
     /// sessions there are, at most one message at a time is between the
     /// local server's acceptance and a durable ledger row (the duplicate
-    /// window of DESIGN.md), and messages are accepted in UID order.
+    /// window of DESIGN.md), and messages are accepted in UID order. Not
+    /// used with `independent_sessions`: each session keeps its own.
     last: Barrier,
 }
 
@@ -120,10 +123,14 @@ struct Shared<'a> {
     /// The progress bar, once the fetch side knows the sizes (a long pass
     /// of `imapull run` on a terminal only).
     bar: std::sync::OnceLock<crate::progress::Bar>,
-    /// One delivery session: it takes the next message early, to send its
-    /// envelope right after this one's "." ([`Upcoming`]). With more, each
-    /// takes a message only when it is free.
+    /// One delivery session, or independent ones: a session takes the
+    /// next message early, to send its envelope right after this one's "."
+    /// ([`Upcoming`]). With more in turn, each takes a message only when it
+    /// is free.
     look_ahead: bool,
+    /// `independent_sessions` with more than one session: a message's turn
+    /// follows the one its own session delivered before.
+    independent: bool,
 }
 
 /// What the sessions did, shared between them.
@@ -180,6 +187,7 @@ pub async fn run(
     report: &mut PassReport,
 ) -> Result<Run> {
     let (tx, rx) = tokio::sync::mpsc::channel::<InFlight>(sessions.0.len() + PIPELINE_DEPTH);
+    let independent = ctx.account.independent_sessions && sessions.0.len() > 1;
     let feed = Feed {
         tx,
         budget: std::sync::Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT_BYTES)),
@@ -194,7 +202,8 @@ pub async fn run(
         }),
         tally: std::sync::Mutex::new(Tally::default()),
         bar: std::sync::OnceLock::new(),
-        look_ahead: sessions.0.len() == 1,
+        look_ahead: sessions.0.len() == 1 || independent,
+        independent,
     };
     let (done, mut finished) = tokio::sync::watch::channel(false);
     let (fetched, delivered, ()) = tokio::join!(
@@ -332,7 +341,12 @@ async fn feed_one(imap: &mut Imap, set: &str, wanted: &[u32], feed: &Feed) -> Re
 /// delivery stops; then the last record's fsync, before anything else
 /// (flags, the watermark) may follow.
 async fn drain(shared: &Shared<'_>, sessions: &mut Sessions) -> Result<Tally> {
-    let workers = sessions.0.iter_mut().map(|d| session_worker(shared, d));
+    let mut own: Vec<Barrier> = sessions.0.iter().map(|_| no_barrier()).collect();
+    let workers = sessions
+        .0
+        .iter_mut()
+        .zip(own.iter_mut())
+        .map(|(d, own)| session_worker(shared, d, own));
     let results = futures_util::future::join_all(workers).await;
     // Dropping the receiver tells the fetch side to stop sending.
     let last = {
@@ -341,7 +355,10 @@ async fn drain(shared: &Shared<'_>, sessions: &mut Sessions) -> Result<Tally> {
         while q.rx.try_recv().is_ok() {}
         std::mem::replace(&mut q.last, no_barrier())
     };
-    let synced = last.await;
+    let mut synced = last.await;
+    for own in own {
+        synced = synced.and(own.await);
+    }
     let mut t = std::mem::take(&mut *tally_of(&shared.tally));
     t.attempted.sort_unstable();
     // A ledger failure is fatal: nothing more may be delivered unrecorded.
@@ -367,9 +384,16 @@ type Taken = (InFlight, Turn, Prepared);
 /// final "." waiting for the previous message's turn), record it, and hand
 /// the turn on once the record is on disk. With one session, the message
 /// after it is taken as soon as it is fetched, so that its envelope goes
-/// out with this one's "."; its own "." still waits for its turn.
-async fn session_worker(shared: &Shared<'_>, deliverer: &mut Deliverer) -> Result<()> {
+/// out with this one's "."; its own "." still waits for its turn. `own` is
+/// the turn of this session's last message, which the next one follows
+/// when the sessions are independent.
+async fn session_worker(
+    shared: &Shared<'_>,
+    deliverer: &mut Deliverer,
+    own: &mut Barrier,
+) -> Result<()> {
     let (ctx, mailbox) = (shared.ctx, shared.ledger.mailbox());
+    let mut own = shared.independent.then_some(own);
     let mut ahead: Option<Taken> = None;
     loop {
         if tally_of(&shared.tally).stopped {
@@ -381,7 +405,7 @@ async fn session_worker(shared: &Shared<'_>, deliverer: &mut Deliverer) -> Resul
         }
         let taken = match ahead.take() {
             Some(t) => Some(t),
-            None => next_turn(&shared.queue)
+            None => next_turn(&shared.queue, &mut own)
                 .await
                 .map(|(item, turn)| prepared(shared, item, turn)),
         };
@@ -398,7 +422,8 @@ async fn session_worker(shared: &Shared<'_>, deliverer: &mut Deliverer) -> Resul
             return Ok(());
         }
         if shared.look_ahead {
-            ahead = try_next_turn(&shared.queue).map(|(item, turn)| prepared(shared, item, turn));
+            ahead = try_next_turn(&shared.queue, &mut own)
+                .map(|(item, turn)| prepared(shared, item, turn));
         }
         let next = ahead
             .as_ref()
@@ -442,22 +467,31 @@ fn prepared(shared: &Shared<'_>, item: InFlight, turn: Turn) -> Taken {
 }
 
 /// The next message and its turn, or None once the fetch side is done.
-async fn next_turn(queue: &tokio::sync::Mutex<Queue>) -> Option<(InFlight, Turn)> {
+/// The turn follows `own` (an independent session's last) or else the
+/// message any session took last.
+async fn next_turn(
+    queue: &tokio::sync::Mutex<Queue>,
+    own: &mut Option<&mut Barrier>,
+) -> Option<(InFlight, Turn)> {
     let mut q = queue.lock().await;
     let item = q.rx.recv().await?;
-    Some((item, take_turn(&mut q)))
+    Some((item, take_turn(own.as_deref_mut().unwrap_or(&mut q.last))))
 }
 
 /// The next message and its turn if it is fetched already (and no other
 /// session is taking one now).
-fn try_next_turn(queue: &tokio::sync::Mutex<Queue>) -> Option<(InFlight, Turn)> {
+fn try_next_turn(
+    queue: &tokio::sync::Mutex<Queue>,
+    own: &mut Option<&mut Barrier>,
+) -> Option<(InFlight, Turn)> {
     let mut q = queue.try_lock().ok()?;
     let item = q.rx.try_recv().ok()?;
-    Some((item, take_turn(&mut q)))
+    Some((item, take_turn(own.as_deref_mut().unwrap_or(&mut q.last))))
 }
 
-/// The turn of the message just taken: after the one taken before it.
-fn take_turn(q: &mut Queue) -> Turn {
+/// The turn of the message just taken: after the one taken before it
+/// (`last`, which it replaces).
+fn take_turn(last: &mut Barrier) -> Turn {
     let (done, turn) = tokio::sync::oneshot::channel();
     let next = async move {
         turn.await
@@ -465,7 +499,7 @@ fn take_turn(q: &mut Queue) -> Turn {
     }
     .boxed()
     .shared();
-    let prev = std::mem::replace(&mut q.last, next);
+    let prev = std::mem::replace(last, next);
     Turn { prev, done }
 }
 

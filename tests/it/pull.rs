@@ -526,6 +526,90 @@ fn parallel_sessions_complete_one_message_at_a_time_in_uid_order() {
     }
 }
 
+/// With `independent_sessions`, the sessions accept messages side by side,
+/// and each keeps the promise for its own: when the local server gets a
+/// message's final ".", the ledger holds every message that session
+/// delivered before it. Nothing is delivered twice or left out.
+#[test]
+fn independent_sessions_accept_side_by_side_each_in_its_own_order() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::{Arc, Mutex, OnceLock};
+    use std::time::Duration;
+    // Per message: the session's thread, its Message-ID, and what the
+    // ledger had delivered when its "." came.
+    type Seen = (std::thread::ThreadId, String, Vec<String>);
+    let ledger: Arc<OnceLock<std::path::PathBuf>> = Arc::default();
+    let waiting = Arc::new(AtomicU32::new(0));
+    let most_waiting = Arc::new(AtomicU32::new(0));
+    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let fake = {
+        let (ledger, waiting, most_waiting, seen) = (
+            ledger.clone(),
+            waiting.clone(),
+            most_waiting.clone(),
+            seen.clone(),
+        );
+        FakeSmtp::start(move |_, got| {
+            let now = waiting.fetch_add(1, Ordering::SeqCst) + 1;
+            most_waiting.fetch_max(now, Ordering::SeqCst);
+            let db = rusqlite::Connection::open(ledger.get().unwrap()).unwrap();
+            db.busy_timeout(Duration::from_secs(5)).unwrap();
+            let recorded: Vec<String> = db
+                .prepare("SELECT message_id FROM message WHERE state = 'delivered'")
+                .unwrap()
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect();
+            let text = String::from_utf8_lossy(&got.data);
+            let id = text
+                .lines()
+                .find_map(|l| l.strip_prefix("Message-ID: "))
+                .unwrap()
+                .trim()
+                .to_string();
+            seen.lock()
+                .unwrap()
+                .push((std::thread::current().id(), id, recorded));
+            // Slow to answer: the other sessions' "." come meanwhile.
+            std::thread::sleep(Duration::from_millis(30));
+            waiting.fetch_sub(1, Ordering::SeqCst);
+            "250 ok".into()
+        })
+    };
+    let case = Case::new(
+        &fake.url(),
+        &["x@example.test"],
+        "delivery_sessions = 3\nindependent_sessions = true\n",
+    );
+    ledger.set(case.ledger.clone()).unwrap();
+    for n in 0..12 {
+        let body = "x".repeat(if n % 3 == 0 { 300_000 } else { 100 });
+        drop_message(&case.user, n, &message(n, "bob@remote.test", &body), false);
+    }
+    assert_exit(&case.run(&["run"]), 0);
+    assert!(
+        most_waiting.load(Ordering::SeqCst) >= 2,
+        "sessions waited for their replies at the same time"
+    );
+    let seen = seen.lock().unwrap().clone();
+    let mut ids: Vec<&String> = seen.iter().map(|(_, id, _)| id).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!((seen.len(), ids.len()), (12, 12), "each message once");
+    for (i, (session, id, recorded)) in seen.iter().enumerate() {
+        for (_, before, _) in seen[..i].iter().filter(|(s, _, _)| s == session) {
+            assert!(
+                recorded.contains(before),
+                "{before} was recorded before its session sent {id}"
+            );
+        }
+    }
+    let rows = case.rows();
+    assert_eq!(rows.len(), 12);
+    assert!(rows.iter().all(|r| r.state == "delivered"));
+}
+
 /// When delivery stops early, only the rest of the current FETCH batch
 /// (about 16 MB) is still downloaded, not the whole mailbox.
 #[test]
