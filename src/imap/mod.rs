@@ -436,6 +436,7 @@ impl Imap {
             conn: &mut self.conn,
             tag: Some(tag),
             what,
+            ahead: std::collections::VecDeque::new(),
         })
     }
 
@@ -550,15 +551,78 @@ pub struct FetchStream<'a> {
     conn: &'a mut Conn,
     tag: Option<String>,
     what: String,
+    /// Commands sent behind the one being read ([`FetchStream::send_ahead`]),
+    /// with their names for errors.
+    ahead: std::collections::VecDeque<(String, String)>,
 }
 
 impl FetchStream<'_> {
+    /// Sends another `UID FETCH set items` now, behind the ones still being
+    /// answered (RFC 3501 section 5.5 lets FETCH commands be pipelined):
+    /// the stream goes on with its responses after theirs, and the server
+    /// need not wait a round trip between the two. On a stream that has
+    /// ended, it is the one read next.
+    pub async fn send_ahead(&mut self, set: &str, items: &str) -> Result<(), ImapError> {
+        let what = format!("UID FETCH {set} {items}");
+        let mut ignore = |_| Ok(());
+        let parts = [
+            Part::Text("UID FETCH "),
+            Part::Text(set),
+            Part::Text(" "),
+            Part::Text(items),
+        ];
+        let tag = self.conn.send(&what, &parts, &mut ignore).await?;
+        if self.tag.is_none() {
+            (self.tag, self.what) = (Some(tag), what);
+        } else {
+            self.ahead.push_back((tag, what));
+        }
+        Ok(())
+    }
+
+    /// The shortest round trip of the connection so far (see
+    /// [`Conn::min_rtt`]).
+    pub fn min_rtt(&self) -> Option<std::time::Duration> {
+        self.conn.min_rtt()
+    }
+
+    /// The next message; None once every command sent has completed. A NO
+    /// or BAD ends the stream with its error, after the commands sent
+    /// ahead of it are read to their end too (the connection stays
+    /// usable; their messages are not returned).
     pub async fn next(&mut self) -> Result<Option<Fetch>, ImapError> {
-        let Some(tag) = self.tag.clone() else {
-            return Ok(None);
-        };
+        let result = self.next_of_any().await;
+        if let Err(e) = &result {
+            if e.is_refusal() {
+                while let Some((tag, what)) = self.ahead.pop_front() {
+                    let _ = self.conn.finish(&what, &tag, |_| Ok(())).await;
+                }
+            }
+            self.ahead.clear();
+        }
+        result
+    }
+
+    async fn next_of_any(&mut self) -> Result<Option<Fetch>, ImapError> {
         loop {
-            match self.conn.step(&self.what, &tag).await {
+            let Some(tag) = self.tag.clone() else {
+                return Ok(None);
+            };
+            let Some(f) = self.next_of(&tag).await? else {
+                (self.tag, self.what) = match self.ahead.pop_front() {
+                    Some((t, w)) => (Some(t), w),
+                    None => (None, std::mem::take(&mut self.what)),
+                };
+                continue;
+            };
+            return Ok(Some(f));
+        }
+    }
+
+    /// The next message of the command `tag`; None at its tagged OK.
+    async fn next_of(&mut self, tag: &str) -> Result<Option<Fetch>, ImapError> {
+        loop {
+            match self.conn.step(&self.what, tag).await {
                 Ok(Step::Data(Data::Fetch(f))) => return Ok(Some(f)),
                 Ok(Step::Data(Data::Malformed { keyword, why })) => {
                     // Its message, if it was one of ours, is missing from
@@ -575,10 +639,7 @@ impl FetchStream<'_> {
                     self.tag = None;
                     return Err(self.conn.unexpected_continue(&self.what, &text));
                 }
-                Ok(Step::Done(_)) => {
-                    self.tag = None;
-                    return Ok(None);
-                }
+                Ok(Step::Done(_)) => return Ok(None),
                 Err(e) => {
                     self.tag = None;
                     return Err(e);
@@ -613,13 +674,22 @@ pub fn byte_batches(uids: &[u32], sizes: &HashMap<u32, u64>, max_bytes: u64) -> 
 /// Sorted UIDs as IMAP sequence sets ("1:4,7,9:12"), each short enough for
 /// one command line.
 pub fn uid_sets(uids: &[u32]) -> Vec<String> {
+    uid_sets_split(uids)
+        .into_iter()
+        .map(|(set, _)| set)
+        .collect()
+}
+
+/// [`uid_sets`], each with the UIDs it names, sorted.
+pub fn uid_sets_split(uids: &[u32]) -> Vec<(String, Vec<u32>)> {
     let mut sorted: Vec<u32> = uids.to_vec();
     sorted.sort_unstable();
     sorted.dedup();
     let mut sets = Vec::new();
-    let mut cur = String::new();
+    let (mut cur, mut first) = (String::new(), 0);
     let mut i = 0;
     while i < sorted.len() {
+        let at = i;
         let start = sorted[i];
         let mut end = start;
         while i + 1 < sorted.len() && sorted[i + 1] == end + 1 {
@@ -633,7 +703,8 @@ pub fn uid_sets(uids: &[u32]) -> Vec<String> {
             format!("{start}:{end}")
         };
         if !cur.is_empty() && cur.len() + piece.len() + 1 > MAX_SET_LEN {
-            sets.push(std::mem::take(&mut cur));
+            sets.push((std::mem::take(&mut cur), sorted[first..at].to_vec()));
+            first = at;
         }
         if !cur.is_empty() {
             cur.push(',');
@@ -641,7 +712,7 @@ pub fn uid_sets(uids: &[u32]) -> Vec<String> {
         cur.push_str(&piece);
     }
     if !cur.is_empty() {
-        sets.push(cur);
+        sets.push((cur, sorted[first..].to_vec()));
     }
     sets
 }
@@ -664,6 +735,20 @@ mod tests {
             .map(|p| p.parse().unwrap())
             .collect();
         assert_eq!(back, many);
+        // Each set with the UIDs it names.
+        let split = uid_sets_split(&many);
+        assert_eq!(
+            split.iter().map(|(s, _)| s).collect::<Vec<_>>(),
+            sets.iter().collect::<Vec<_>>()
+        );
+        for (set, uids) in &split {
+            let named: Vec<u32> = set.split(',').map(|p| p.parse().unwrap()).collect();
+            assert_eq!(&named, uids);
+        }
+        assert_eq!(
+            uid_sets_split(&[5, 3, 4, 9, 3]),
+            vec![("3:5,9".to_string(), vec![3, 4, 5, 9])]
+        );
     }
 
     #[test]

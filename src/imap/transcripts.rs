@@ -881,3 +881,95 @@ async fn a_server_without_the_mechanism_is_refused_before_any_token_is_fetched()
     assert!(!dir.path().join("runs").exists(), "the token command ran");
     let _ = server.await;
 }
+
+/// A hand-scripted server for two pipelined FETCHes: it reads both command
+/// lines before it answers, then answers the first with `first` and the
+/// second with two messages; then a third FETCH with one. `$1` and `$2`
+/// are the tags.
+async fn two_fetches(b: tokio::io::DuplexStream, first: &'static str) -> Vec<String> {
+    let (r, mut w) = tokio::io::split(b);
+    let mut r = BufReader::new(r);
+    w.write_all(PREAUTH.as_bytes()).await.unwrap();
+    let (mut l1, mut l2) = (String::new(), String::new());
+    r.read_line(&mut l1).await.unwrap();
+    r.read_line(&mut l2).await.unwrap();
+    let (t1, t2) = (
+        l1.split(' ').next().unwrap().to_string(),
+        l2.split(' ').next().unwrap().to_string(),
+    );
+    let reply = format!(
+        "* 1 FETCH (UID 5 BODY[] {{3}}\r\nfiv)\r\n{first}\
+         * 2 FETCH (UID 6 BODY[] {{3}}\r\nsix)\r\n* 3 FETCH (UID 7 BODY[] {{3}}\r\nsev)\r\n\
+         $2 OK done\r\n"
+    )
+    .replace("$1", &t1)
+    .replace("$2", &t2);
+    w.write_all(reply.as_bytes()).await.unwrap();
+    let mut l3 = String::new();
+    r.read_line(&mut l3).await.unwrap();
+    let t3 = l3.split(' ').next().unwrap().to_string();
+    let reply = format!("* 4 FETCH (UID 8 BODY[] {{3}}\r\neig)\r\n{t3} OK done\r\n");
+    w.write_all(reply.as_bytes()).await.unwrap();
+    vec![
+        l1.trim_end().into(),
+        l2.trim_end().into(),
+        l3.trim_end().into(),
+    ]
+}
+
+/// The UIDs a FETCH of `set` returns.
+async fn fetched(imap: &mut Imap, set: &str) -> Vec<u32> {
+    let mut s = imap.fetch(set, FETCH_ITEMS).await.unwrap();
+    let mut uids = Vec::new();
+    while let Some(f) = s.next().await.unwrap() {
+        uids.extend(f.uid);
+    }
+    uids
+}
+
+/// A FETCH sent ahead goes out before the first one is answered, and the
+/// stream goes on with its messages after the first one's OK.
+#[tokio::test]
+async fn a_fetch_sent_ahead_is_read_after_the_one_before() {
+    let (a, b) = tokio::io::duplex(1 << 16);
+    let server = tokio::spawn(two_fetches(b, "$1 OK done\r\n"));
+    let mut imap = session(a).await;
+    let mut got = Vec::new();
+    let mut s = imap.fetch("5", FETCH_ITEMS).await.unwrap();
+    s.send_ahead("6:7", FETCH_ITEMS).await.unwrap();
+    while let Some(f) = s.next().await.unwrap() {
+        got.push((
+            f.uid.unwrap(),
+            String::from_utf8_lossy(f.body().unwrap()).into_owned(),
+        ));
+    }
+    assert_eq!(
+        got,
+        [(5, "fiv".into()), (6, "six".into()), (7, "sev".into())]
+    );
+    assert_eq!(fetched(&mut imap, "8").await, [8]);
+    let seen = server.await.unwrap();
+    assert!(seen[1].ends_with("UID FETCH 6:7 (UID RFC822.SIZE INTERNALDATE FLAGS BODY.PEEK[])"));
+}
+
+/// A NO for the first FETCH is the stream's error, and the one sent ahead
+/// is read to its end: the connection is usable after it, and none of its
+/// messages is taken for a later command's.
+#[tokio::test]
+async fn a_no_with_a_fetch_sent_ahead_reads_that_one_to_its_end() {
+    let (a, b) = tokio::io::duplex(1 << 16);
+    let server = tokio::spawn(two_fetches(b, "$1 NO [SERVERBUG] lost\r\n"));
+    let mut imap = session(a).await;
+    let mut s = imap.fetch("5", FETCH_ITEMS).await.unwrap();
+    s.send_ahead("6:7", FETCH_ITEMS).await.unwrap();
+    assert_eq!(s.next().await.unwrap().unwrap().uid, Some(5));
+    let e = s.next().await.unwrap_err();
+    assert!(e.is_refusal(), "{e}");
+    assert!(s.next().await.unwrap().is_none());
+    assert_eq!(
+        fetched(&mut imap, "8").await,
+        [8],
+        "6 and 7 are not the next FETCH's"
+    );
+    server.await.unwrap();
+}

@@ -20,7 +20,7 @@ use super::{Ctx, PassReport};
 use crate::config::{Account, SenderPolicy};
 use crate::deliver::client::{no_barrier, Barrier};
 use crate::deliver::{headers, Deliverer, Delivery, Envelope, Outcome, Sessions, Upcoming};
-use crate::imap::{byte_batches, uid_sets, Fetch, Imap, FETCH_ITEMS};
+use crate::imap::{byte_batches, uid_sets_split, Fetch, Imap, FETCH_ITEMS};
 use crate::ledger::{Attempt, Durability, Epoch, LedgerFailure, State, GROUP_MAX_AGE};
 
 /// Messages fetched and waiting for a delivery session, besides one per
@@ -274,54 +274,108 @@ async fn feed_all(
     }
     // Too large by RFC822.SIZE: recorded as rejected, never fetched. (One
     // without a known size is caught by the literal's announced size.)
-    let too_large: HashMap<u32, u64> = sizes
+    let too_large: std::collections::BTreeMap<u32, u64> = sizes
         .iter()
         .filter(|(_, s)| **s > max)
         .map(|(u, s)| (*u, *s))
         .collect();
-    // Batches of about FETCH_BATCH_BYTES: when delivery stops early (the
-    // local server is down, a signal), only the rest of the current batch
-    // is still downloaded, not the whole mailbox.
-    let batches: Vec<Vec<u32>> = groups
-        .iter()
-        .flat_map(|g| byte_batches(g, &sizes, FETCH_BATCH_BYTES))
-        .collect();
-    drop(sizes);
-    for batch in batches {
-        let (big, batch): (Vec<u32>, Vec<u32>) =
-            batch.into_iter().partition(|u| too_large.contains_key(u));
-        for uid in big {
-            if !feed
-                .hand_over(Fetch::too_large(uid, too_large[&uid]), 0)
-                .await
-            {
-                return Ok(());
-            }
-        }
-        for set in uid_sets(&batch) {
-            if !feed_one(imap, &set, &wanted, &feed).await? {
-                return Ok(());
-            }
+    for (&uid, &size) in &too_large {
+        if !feed.hand_over(Fetch::too_large(uid, size), 0).await {
+            return Ok(());
         }
     }
-    Ok(())
+    // Commands of about FETCH_BATCH_BYTES: when delivery stops early (the
+    // local server is down, a signal), only the rest of the current one
+    // (and of one sent ahead) is still downloaded, not the whole mailbox.
+    let commands: Vec<Command> = groups
+        .iter()
+        .flat_map(|g| byte_batches(g, &sizes, FETCH_BATCH_BYTES))
+        .flat_map(|b| {
+            let b: Vec<u32> = b
+                .into_iter()
+                .filter(|u| !too_large.contains_key(u))
+                .collect();
+            commands(&b, &sizes)
+        })
+        .collect();
+    drop(sizes);
+    feed_commands(imap, &commands, &wanted, &feed).await
 }
 
-/// One UID FETCH, its messages handed over as they come; false when
-/// delivery stopped meanwhile (the rest of the response is still read, so
-/// the connection stays usable).
-async fn feed_one(imap: &mut Imap, set: &str, wanted: &[u32], feed: &Feed) -> Result<bool> {
+/// One UID FETCH to send: its set, and the bytes it asks for by
+/// RFC822.SIZE.
+struct Command {
+    set: String,
+    bytes: u64,
+}
+
+/// The commands that fetch `uids`, each a set short enough for one line.
+fn commands(uids: &[u32], sizes: &HashMap<u32, u64>) -> Vec<Command> {
+    uid_sets_split(uids)
+        .into_iter()
+        .map(|(set, uids)| Command {
+            set,
+            bytes: uids.iter().filter_map(|u| sizes.get(u)).sum(),
+        })
+        .collect()
+}
+
+/// Bytes still to come, below which the next FETCH goes out ahead: what the
+/// link carries in this many round trips.
+const AHEAD_ROUND_TRIPS: u32 = 2;
+
+/// Links whose round trip is shorter than this are not worth sending a
+/// FETCH ahead for: waiting for one costs less than a millisecond or two.
+const AHEAD_MIN_RTT: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// The UID FETCHes of `commands`, their messages handed over as they come.
+/// On a link with a long round trip the next command is sent while the
+/// current one's last bytes are still on their way (about
+/// [`AHEAD_ROUND_TRIPS`] of them), so the link does not idle between
+/// commands. Once delivery has stopped, no new command is sent, and the
+/// rest of those sent is still read, so the connection stays usable.
+async fn feed_commands(
+    imap: &mut Imap,
+    commands: &[Command],
+    wanted: &[u32],
+    feed: &Feed,
+) -> Result<()> {
+    let mut commands = commands.iter();
+    let Some(first) = commands.next() else {
+        return Ok(());
+    };
     let peer = imap.peer.clone();
-    let mut stream = imap.fetch(set, FETCH_ITEMS).await?;
+    let context = || format!("UID FETCH from {peer}");
+    // Bytes asked for and not received yet, and the rate they come at
+    // since the first command went out (which counts its round trip, and
+    // any wait for delivery: an estimate on the low side, which sends the
+    // next command late rather than early).
+    let since = std::time::Instant::now();
+    let mut stream = imap.fetch(&first.set, FETCH_ITEMS).await?;
+    let rtt = stream.min_rtt().filter(|r| *r >= AHEAD_MIN_RTT);
+    let mut outstanding = first.bytes;
+    let mut received = 0u64;
     let mut receiver_gone = false;
-    // No timeout around a whole item: the socket's idle timeout bounds
-    // silence, and a big message may take long on a slow link. The stream
-    // ends only with the tagged OK; NO, BAD or a drop is an error.
-    while let Some(f) = stream
-        .next()
-        .await
-        .with_context(|| format!("UID FETCH from {peer}"))?
-    {
+    loop {
+        // No timeout around a whole item: the socket's idle timeout bounds
+        // silence, and a big message may take long on a slow link. The
+        // stream ends only with the tagged OK; NO, BAD or a drop is an
+        // error.
+        let Some(f) = stream.next().await.with_context(context)? else {
+            // Every command sent is done: the next one, if any is left
+            // and delivery goes on.
+            match commands.next().filter(|_| !receiver_gone) {
+                Some(c) => {
+                    stream
+                        .send_ahead(&c.set, FETCH_ITEMS)
+                        .await
+                        .with_context(context)?;
+                    outstanding = c.bytes;
+                    continue;
+                }
+                None => return Ok(()),
+            }
+        };
         // Unsolicited FETCHes (another client's flag change) carry no
         // body; they are not ours.
         let ours = f.uid.is_some_and(|u| wanted.binary_search(&u).is_ok());
@@ -330,11 +384,32 @@ async fn feed_one(imap: &mut Imap, set: &str, wanted: &[u32], feed: &Feed) -> Re
             (None, Some(_)) => 0,
             (None, None) => continue,
         };
-        if ours && !receiver_gone {
+        if !ours {
+            continue;
+        }
+        outstanding = outstanding.saturating_sub(f.size.unwrap_or(len as u64).max(len as u64));
+        received += len as u64;
+        if !receiver_gone {
             receiver_gone = !feed.hand_over(f, len).await;
         }
+        // The bytes the link carries in AHEAD_ROUND_TRIPS, at the rate
+        // seen since the first message: once fewer are still to come, the
+        // next command goes out now.
+        let Some(rtt) = rtt.filter(|_| !receiver_gone) else {
+            continue;
+        };
+        let rate = received as f64 / since.elapsed().as_secs_f64().max(1e-3);
+        let ahead = rate * (rtt * AHEAD_ROUND_TRIPS).as_secs_f64();
+        if (outstanding as f64) < ahead {
+            if let Some(c) = commands.next() {
+                stream
+                    .send_ahead(&c.set, FETCH_ITEMS)
+                    .await
+                    .with_context(context)?;
+                outstanding += c.bytes;
+            }
+        }
     }
-    Ok(!receiver_gone)
 }
 
 /// The delivery side: every session's worker until the queue is empty or
