@@ -106,15 +106,17 @@ pub async fn pass(
         imap.add_seen(&plan.reflag).await?;
         ledger.mark_flagged(plan.reflag.clone()).await?;
     }
-    let new: Vec<u32> = match plan.scan {
+    let (new, sizes): (Vec<u32>, _) = match plan.scan {
         Scan::NothingNew => {
             tracing::debug!(mailbox, "nothing new (UIDNEXT {})", sel.uidnext);
             return Ok(());
         }
-        Scan::RetryOnly => vec![],
-        // An error here (NO, BAD, a drop) ends the pass: never "empty".
+        Scan::RetryOnly => (vec![], HashMap::new()),
+        // An error here (NO, BAD, a drop, a line it cannot read) ends the
+        // pass: never "empty". The sizes come in the same round trip.
         Scan::SearchFrom(w) => {
-            decide::new_mail(&imap.search(&format!("UID {w}:*")).await?, w, &plan.known)
+            let (found, sizes) = imap.discover(w).await?;
+            (decide::new_mail(&found, w, &plan.known), sizes)
         }
     };
     tracing::debug!(
@@ -124,7 +126,16 @@ pub async fn pass(
         "fetching"
     );
     let groups: [&[u32]; 2] = [&plan.retry, &new];
-    let run = pipeline::run(ctx, imap, sessions, &ledger, &groups, &plan.already, report).await?;
+    let run = pipeline::run(
+        ctx,
+        imap,
+        sessions,
+        &ledger,
+        (&groups, sizes),
+        &plan.already,
+        report,
+    )
+    .await?;
     finish(ctx, imap, &ledger, &sel, &plan, &new, run, report).await
 }
 

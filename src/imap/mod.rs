@@ -386,6 +386,46 @@ impl Imap {
         Ok(found)
     }
 
+    /// The messages from UID `from` on, with their sizes: what `UID SEARCH
+    /// UID from:*` finds, and the sizes a pass needs before it fetches, in
+    /// one round trip. Like a search, a FETCH line it cannot read fails the
+    /// command (a message it missed would look absent, never new); a
+    /// message without RFC822.SIZE is found, of unknown size.
+    pub async fn discover(&mut self, from: u32) -> Result<(BTreeSet<u32>, HashMap<u32, u64>)> {
+        let set = format!("{from}:*");
+        let what = format!("UID FETCH {set} (UID RFC822.SIZE)");
+        let (mut found, mut sizes) = (BTreeSet::new(), HashMap::new());
+        self.conn
+            .run(
+                &what,
+                &[
+                    Part::Text("UID FETCH "),
+                    Part::Text(&set),
+                    Part::Text(" (UID RFC822.SIZE)"),
+                ],
+                |d| {
+                    match d {
+                        // Without a UID: a flag change of another client.
+                        Data::Fetch(f) => {
+                            if let Some(uid) = f.uid {
+                                found.insert(uid);
+                                if let Some(size) = f.size {
+                                    sizes.insert(uid, size);
+                                }
+                            }
+                        }
+                        Data::Malformed { keyword, why } if keyword == "FETCH" => {
+                            return Err(why.to_string())
+                        }
+                        _ => {}
+                    }
+                    Ok(())
+                },
+            )
+            .await?;
+        Ok((found, sizes))
+    }
+
     /// Which of `uids` the selected mailbox still holds (a search, in
     /// batches). Servers may answer `UID n:*` with more than was asked;
     /// only the asked-for UIDs are returned.

@@ -143,6 +143,7 @@ const PREAUTH: &str = "* PREAUTH [CAPABILITY IMAP4rev1 UIDPLUS MOVE IDLE] ready\
 enum Cmd {
     Select,
     Search,
+    Discover,
     FetchBodies,
     Sizes,
     Store,
@@ -181,6 +182,18 @@ impl Cmd {
                     &["* SEARCH 5 6 7\r\n", "$T OK done\r\n"],
                 ),
                 "{5, 6, 7}",
+            ),
+            Cmd::Discover => (
+                ex(
+                    "UID FETCH 5:* (UID RFC822.SIZE)",
+                    &[
+                        "* 1 FETCH (UID 5 RFC822.SIZE 100)\r\n",
+                        "* 2 FETCH (RFC822.SIZE 7 UID 6)\r\n",
+                        "* 3 FETCH (UID 7)\r\n",
+                        "$T OK done\r\n",
+                    ],
+                ),
+                "({5, 6, 7}, [(5, 100), (6, 7)])",
             ),
             Cmd::FetchBodies => (
                 ex(
@@ -269,6 +282,12 @@ impl Cmd {
         Ok(match self {
             Cmd::Select => format!("{:?}", imap.select("INBOX").await?),
             Cmd::Search => format!("{:?}", imap.search("UID 5:*").await?),
+            Cmd::Discover => {
+                let (found, sizes) = imap.discover(5).await?;
+                let mut sizes: Vec<(u32, u64)> = sizes.into_iter().collect();
+                sizes.sort_unstable();
+                format!("({found:?}, {sizes:?})")
+            }
             Cmd::FetchBodies => {
                 let mut got = Vec::new();
                 let mut s = imap.fetch("5:6", FETCH_ITEMS).await?;
@@ -302,6 +321,7 @@ impl Cmd {
 const ALL: &[Cmd] = &[
     Cmd::Select,
     Cmd::Search,
+    Cmd::Discover,
     Cmd::FetchBodies,
     Cmd::Sizes,
     Cmd::Store,
@@ -635,6 +655,23 @@ async fn a_malformed_search_result_is_an_error() {
         answer: vec![vec!["* SEARCH 5 six 7\r\n".into(), "$T OK done\r\n".into()]],
     };
     let e = run(Cmd::Search, ex, None).await.unwrap_err();
+    assert!(format!("{e}").contains("unreadable"), "{e}");
+}
+
+/// A FETCH line it cannot read fails the discovery of new mail: the
+/// message it stood for would otherwise look absent, and the watermark pass
+/// over it.
+#[tokio::test]
+async fn an_unreadable_line_fails_the_discovery_of_new_mail() {
+    let ex = Exchange {
+        expect: vec!["UID FETCH 5:* (UID RFC822.SIZE)".into()],
+        answer: vec![vec![
+            "* 1 FETCH (UID 5 RFC822.SIZE 100)\r\n".into(),
+            "* 2 FETCH (UID six RFC822.SIZE 7)\r\n".into(),
+            "$T OK done\r\n".into(),
+        ]],
+    };
+    let e = run(Cmd::Discover, ex, None).await.unwrap_err();
     assert!(format!("{e}").contains("unreadable"), "{e}");
 }
 

@@ -173,8 +173,8 @@ impl Tally {
     }
 }
 
-/// Fetches the messages of `groups` (in that order) and delivers and
-/// records each. An `Err` is a ledger failure, which stops everything; an
+/// Fetches the messages of `groups` (in that order; with the sizes known
+/// already) and delivers and records each. An `Err` is a ledger failure, which stops everything; an
 /// IMAP failure comes back in [`Run::fetch_error`], after what was fetched
 /// before it is delivered and recorded.
 pub async fn run(
@@ -182,7 +182,7 @@ pub async fn run(
     imap: &mut Imap,
     sessions: &mut Sessions,
     ledger: &Epoch,
-    groups: &[&[u32]],
+    (groups, sizes): (&[&[u32]], HashMap<u32, u64>),
     already: &HashMap<u32, Vec<String>>,
     report: &mut PassReport,
 ) -> Result<Run> {
@@ -207,7 +207,7 @@ pub async fn run(
     };
     let (done, mut finished) = tokio::sync::watch::channel(false);
     let (fetched, delivered, ()) = tokio::join!(
-        feed_all(ctx.account, imap, groups, feed, &shared),
+        feed_all(ctx.account, imap, (groups, sizes), feed, &shared),
         async {
             let t = drain(&shared, sessions).await;
             let _ = done.send(true);
@@ -244,12 +244,12 @@ pub async fn run(
     })
 }
 
-/// The fetch side: sizes first (for the batches, the size limit and
-/// COMPRESS), then the bodies, batch by batch.
+/// The fetch side: the sizes not known yet first (for the batches, the
+/// size limit and COMPRESS), then the bodies, batch by batch.
 async fn feed_all(
     account: &Account,
     imap: &mut Imap,
-    groups: &[&[u32]],
+    (groups, known): (&[&[u32]], HashMap<u32, u64>),
     feed: Feed,
     shared: &Shared<'_>,
 ) -> Result<()> {
@@ -258,13 +258,19 @@ async fn feed_all(
     let mut wanted: Vec<u32> = groups.iter().flat_map(|g| g.iter().copied()).collect();
     wanted.sort_unstable();
     wanted.dedup();
+    let mut sizes = known;
+    sizes.retain(|u, _| wanted.binary_search(u).is_ok());
     // One message is one batch whatever its size: no need to ask (the
-    // daemon's usual case, a round trip saved).
-    let sizes = if wanted.len() > 1 {
-        imap.sizes(&wanted).await?
-    } else {
-        HashMap::new()
-    };
+    // daemon's usual case, a round trip saved). The new messages' sizes
+    // came with their discovery; those to retry are asked for.
+    let unknown: Vec<u32> = wanted
+        .iter()
+        .copied()
+        .filter(|u| !sizes.contains_key(u))
+        .collect();
+    if wanted.len() > 1 && !unknown.is_empty() {
+        sizes.extend(imap.sizes(&unknown).await?);
+    }
     let max = account.max_message_size;
     // COMPRESS, if the link is slow and this much pays for it.
     let bytes: u64 = sizes.values().filter(|s| **s <= max).sum();
@@ -307,6 +313,7 @@ async fn feed_all(
 struct Command {
     set: String,
     bytes: u64,
+    messages: usize,
 }
 
 /// The commands that fetch `uids`, each a set short enough for one line.
@@ -316,6 +323,7 @@ fn commands(uids: &[u32], sizes: &HashMap<u32, u64>) -> Vec<Command> {
         .map(|(set, uids)| Command {
             set,
             bytes: uids.iter().filter_map(|u| sizes.get(u)).sum(),
+            messages: uids.len(),
         })
         .collect()
 }
@@ -331,8 +339,8 @@ const AHEAD_MIN_RTT: std::time::Duration = std::time::Duration::from_millis(2);
 /// The UID FETCHes of `commands`, their messages handed over as they come.
 /// On a link with a long round trip the next command is sent while the
 /// current one's last bytes are still on their way (about
-/// [`AHEAD_ROUND_TRIPS`] of them), so the link does not idle between
-/// commands. Once delivery has stopped, no new command is sent, and the
+/// [`AHEAD_ROUND_TRIPS`] of them, or its last message, however large), so
+/// the link does not idle between commands. Once delivery has stopped, no new command is sent, and the
 /// rest of those sent is still read, so the connection stays usable.
 async fn feed_commands(
     imap: &mut Imap,
@@ -353,7 +361,7 @@ async fn feed_commands(
     let since = std::time::Instant::now();
     let mut stream = imap.fetch(&first.set, FETCH_ITEMS).await?;
     let rtt = stream.min_rtt().filter(|r| *r >= AHEAD_MIN_RTT);
-    let mut outstanding = first.bytes;
+    let (mut outstanding, mut messages) = (first.bytes, first.messages);
     let mut received = 0u64;
     let mut receiver_gone = false;
     loop {
@@ -370,7 +378,7 @@ async fn feed_commands(
                         .send_ahead(&c.set, FETCH_ITEMS)
                         .await
                         .with_context(context)?;
-                    outstanding = c.bytes;
+                    (outstanding, messages) = (c.bytes, c.messages);
                     continue;
                 }
                 None => return Ok(()),
@@ -388,25 +396,27 @@ async fn feed_commands(
             continue;
         }
         outstanding = outstanding.saturating_sub(f.size.unwrap_or(len as u64).max(len as u64));
+        messages = messages.saturating_sub(1);
         received += len as u64;
         if !receiver_gone {
             receiver_gone = !feed.hand_over(f, len).await;
         }
         // The bytes the link carries in AHEAD_ROUND_TRIPS, at the rate
-        // seen since the first message: once fewer are still to come, the
-        // next command goes out now.
+        // seen so far: once fewer are still to come, or one message only
+        // (its size is known only whole), the next command goes out now.
         let Some(rtt) = rtt.filter(|_| !receiver_gone) else {
             continue;
         };
         let rate = received as f64 / since.elapsed().as_secs_f64().max(1e-3);
         let ahead = rate * (rtt * AHEAD_ROUND_TRIPS).as_secs_f64();
-        if (outstanding as f64) < ahead {
+        if (outstanding as f64) < ahead || messages <= 1 {
             if let Some(c) = commands.next() {
                 stream
                     .send_ahead(&c.set, FETCH_ITEMS)
                     .await
                     .with_context(context)?;
                 outstanding += c.bytes;
+                messages += c.messages;
             }
         }
     }

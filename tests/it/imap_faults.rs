@@ -186,12 +186,15 @@ fn every_command_failing_every_way_loses_nothing() {
 }
 
 /// The reported case: a NO to UID SEARCH on the first pass with
-/// `initial = "all"` made the mailbox look empty, for good.
+/// `initial = "all"` made the mailbox look empty, for good. New mail is now
+/// found by a UID FETCH of the UIDs and sizes from the watermark on; a NO
+/// to it is no empty mailbox either.
 #[test]
-fn search_answered_no_is_not_an_empty_mailbox() {
+fn new_mail_search_answered_no_is_not_an_empty_mailbox() {
     let server = server();
     let smtp = FakeSmtp::start(|_, _| "250 ok".into());
-    server.state.lock().unwrap().fault = Some(("UID SEARCH".into(), Fault::No));
+    server.state.lock().unwrap().fault =
+        Some(("UID FETCH 1:* (UID RFC822.SIZE)".into(), Fault::No));
     let c = Case::new(&smtp.url(), &["x@example.test"], "initial = \"all\"");
     c.use_imap_at(server.port, "none");
     let out = c.run(&["run"]);
