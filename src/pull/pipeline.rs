@@ -336,6 +336,22 @@ const AHEAD_ROUND_TRIPS: u32 = 2;
 /// FETCH ahead for: waiting for one costs less than a millisecond or two.
 const AHEAD_MIN_RTT: std::time::Duration = std::time::Duration::from_millis(2);
 
+/// Whether the next FETCH should go out now: once fewer bytes are still
+/// to come than the link carries in [`AHEAD_ROUND_TRIPS`] at the rate seen
+/// so far (`received` in `elapsed`), or one message only (whose size is
+/// known only whole).
+fn ahead_due(
+    outstanding: u64,
+    messages: usize,
+    received: u64,
+    elapsed: std::time::Duration,
+    rtt: std::time::Duration,
+) -> bool {
+    let rate = received as f64 / elapsed.as_secs_f64().max(1e-3);
+    let ahead = rate * (rtt * AHEAD_ROUND_TRIPS).as_secs_f64();
+    (outstanding as f64) < ahead || messages <= 1
+}
+
 /// The UID FETCHes of `commands`, their messages handed over as they come.
 /// On a link with a long round trip the next command is sent while the
 /// current one's last bytes are still on their way (about
@@ -401,16 +417,17 @@ async fn feed_commands(
         if !receiver_gone {
             receiver_gone = !feed.hand_over(f, len).await;
         }
-        // The bytes the link carries in AHEAD_ROUND_TRIPS, at the rate
-        // seen so far: once fewer are still to come, or one message only
-        // (its size is known only whole), the next command goes out now.
         let Some(rtt) = rtt.filter(|_| !receiver_gone) else {
             continue;
         };
-        let rate = received as f64 / since.elapsed().as_secs_f64().max(1e-3);
-        let ahead = rate * (rtt * AHEAD_ROUND_TRIPS).as_secs_f64();
-        if (outstanding as f64) < ahead || messages <= 1 {
+        if ahead_due(outstanding, messages, received, since.elapsed(), rtt) {
             if let Some(c) = commands.next() {
+                tracing::debug!(
+                    peer,
+                    outstanding,
+                    messages,
+                    "the next UID FETCH goes out ahead"
+                );
                 stream
                     .send_ahead(&c.set, FETCH_ITEMS)
                     .await
@@ -791,4 +808,36 @@ fn received_header(a: &Account, mailbox: &str, uv: u32, uid: u32, now: i64) -> V
         mb = clean(&crate::imap::utf7::encode(mailbox)),
     )
     .into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn the_next_fetch_goes_out_two_round_trips_before_the_end() {
+        let ms = Duration::from_millis;
+        // 6.25 MB/s (50 Mbit/s) for a second; 40 ms: 500 KB in two trips.
+        let at =
+            |outstanding, messages| ahead_due(outstanding, messages, 6_250_000, ms(1000), ms(40));
+        assert!(!at(2_000_000, 10));
+        assert!(!at(600_000, 5));
+        assert!(at(400_000, 5));
+        // The last message, however large.
+        assert!(at(9_000_000, 1));
+        // Nothing seen yet: no rate, so only the last message counts.
+        assert!(!ahead_due(1_000, 3, 0, ms(100), ms(40)));
+    }
+
+    #[test]
+    fn commands_carry_the_bytes_and_messages_they_ask_for() {
+        let sizes: HashMap<u32, u64> = [(1, 10), (2, 20), (5, 50)].into();
+        let c = commands(&[5, 1, 2, 7], &sizes);
+        assert_eq!(c.len(), 1);
+        assert_eq!(
+            (c[0].set.as_str(), c[0].bytes, c[0].messages),
+            ("1:2,5,7", 80, 4)
+        );
+    }
 }

@@ -610,6 +610,55 @@ fn independent_sessions_accept_side_by_side_each_in_its_own_order() {
     assert!(rows.iter().all(|r| r.state == "delivered"));
 }
 
+/// Over a link with a round trip (a scripted server that waits 5 ms before
+/// each answer), the next batch's FETCH goes out before the current one
+/// ends: 40 messages of 1 MB in three batches, each fetched and delivered
+/// once, in UID order, and the pass ends cleanly.
+#[test]
+fn batches_sent_ahead_on_a_slow_link_fetch_each_message_once() {
+    use std::time::Duration;
+    let messages: Vec<Vec<u8>> = (1..=40)
+        .map(|n| message(n, "bob@remote.test", &format!("{n:>7}\r\n").repeat(110_000)))
+        .collect();
+    let server = crate::fake::MailServer::start("UIDPLUS", messages);
+    server.state.lock().unwrap().delay = Duration::from_millis(5);
+    let smtp = FakeSmtp::start(|_, _| "250 ok".into());
+    let case = Case::new(
+        &smtp.url(),
+        &["x@example.test"],
+        "initial = \"all\"\ncompress = false",
+    );
+    case.use_imap_at(server.port, "none");
+    let out = case.run(&["-v", "run"]);
+    assert_exit(&out, 0);
+    assert!(
+        stderr(&out).contains("the next UID FETCH goes out ahead"),
+        "{}",
+        stderr(&out)
+    );
+    let subjects: Vec<String> = smtp
+        .messages()
+        .iter()
+        .map(|m| {
+            let text = String::from_utf8_lossy(&m.data[..2000]).to_string();
+            text.lines()
+                .find_map(|l| l.strip_prefix("Subject: "))
+                .unwrap()
+                .trim()
+                .to_string()
+        })
+        .collect();
+    let want: Vec<String> = (1..=40).map(|n| format!("message {n}")).collect();
+    assert_eq!(subjects, want);
+    let bodies: Vec<String> = server
+        .commands()
+        .into_iter()
+        .filter(|c| c.contains("BODY.PEEK[]"))
+        .collect();
+    assert!(bodies.len() >= 3, "{bodies:?}");
+    assert_eq!(case.rows().len(), 40);
+}
+
 /// When delivery stops early, only the rest of the current FETCH batch
 /// (about 16 MB) is still downloaded, not the whole mailbox.
 #[test]
