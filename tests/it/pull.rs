@@ -459,66 +459,104 @@ fn message_over_the_servers_size_limit_is_quarantined_unsent() {
     assert!(!flags(&case.user, "INBOX")[&2].contains("\\Seen"));
 }
 
+/// A local server slow to answer (30 ms a message) for the tests of
+/// several sessions: what `look` made of each message when its "." came
+/// (given the ledger and the message), and the most messages that waited
+/// for their reply at once.
+struct SlowSmtp<T> {
+    fake: FakeSmtp,
+    ledger: std::sync::Arc<std::sync::OnceLock<std::path::PathBuf>>,
+    most_waiting: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<T>>>,
+}
+
+impl<T: Clone + Send + 'static> SlowSmtp<T> {
+    fn start(
+        look: impl Fn(usize, &rusqlite::Connection, &crate::fake::Got) -> T + Send + Sync + 'static,
+    ) -> SlowSmtp<T> {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        use std::sync::Arc;
+        let ledger: Arc<std::sync::OnceLock<std::path::PathBuf>> = Arc::default();
+        let waiting = Arc::new(AtomicU32::new(0));
+        let most_waiting = Arc::new(AtomicU32::new(0));
+        let seen: Arc<std::sync::Mutex<Vec<T>>> = Arc::default();
+        let fake = {
+            let (ledger, most_waiting, seen) = (ledger.clone(), most_waiting.clone(), seen.clone());
+            FakeSmtp::start(move |n, got| {
+                let now = waiting.fetch_add(1, Ordering::SeqCst) + 1;
+                most_waiting.fetch_max(now, Ordering::SeqCst);
+                let db = rusqlite::Connection::open(ledger.get().unwrap()).unwrap();
+                db.busy_timeout(std::time::Duration::from_secs(5)).unwrap();
+                seen.lock().unwrap().push(look(n, &db, got));
+                // Slow to answer: another session's "." would come
+                // meanwhile, unless the sessions are kept in turn.
+                std::thread::sleep(std::time::Duration::from_millis(30));
+                waiting.fetch_sub(1, Ordering::SeqCst);
+                "250 ok".into()
+            })
+        };
+        SlowSmtp {
+            fake,
+            ledger,
+            most_waiting,
+            seen,
+        }
+    }
+
+    /// A pass of 12 messages, some large (so that bodies are still on the
+    /// wire while others end), with `settings`; what `look` saw.
+    fn pass(&self, settings: &str) -> (Case, Vec<T>) {
+        let case = Case::new(&self.fake.url(), &["x@example.test"], settings);
+        self.ledger.set(case.ledger.clone()).unwrap();
+        for n in 0..12 {
+            let body = "x".repeat(if n % 3 == 0 { 300_000 } else { 100 });
+            drop_message(&case.user, n, &message(n, "bob@remote.test", &body), false);
+        }
+        assert_exit(&case.run(&["run"]), 0);
+        let seen = self.seen.lock().unwrap().clone();
+        (case, seen)
+    }
+
+    fn most_waiting(&self) -> u32 {
+        self.most_waiting.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// A header's value in a message as the local server got it.
+fn header_of(got: &crate::fake::Got, name: &str) -> String {
+    let text = String::from_utf8_lossy(&got.data);
+    text.lines()
+        .find_map(|l| l.strip_prefix(name))
+        .unwrap_or("?")
+        .trim()
+        .to_string()
+}
+
 /// With several delivery sessions, messages still complete one at a time
 /// and in UID order: when the local server gets a message's final ".", the
 /// ledger already holds every message before it, and no other message is
 /// waiting for its reply (the duplicate window stays one message).
 #[test]
 fn parallel_sessions_complete_one_message_at_a_time_in_uid_order() {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    use std::sync::{Arc, Mutex, OnceLock};
-    use std::time::Duration;
-    let ledger: Arc<OnceLock<std::path::PathBuf>> = Arc::default();
-    let waiting = Arc::new(AtomicU32::new(0));
-    let most_waiting = Arc::new(AtomicU32::new(0));
-    let seen: Arc<Mutex<Vec<(usize, i64, String)>>> = Arc::default();
-    let fake = {
-        let (ledger, waiting, most_waiting, seen) = (
-            ledger.clone(),
-            waiting.clone(),
-            most_waiting.clone(),
-            seen.clone(),
-        );
-        FakeSmtp::start(move |n, got| {
-            let now = waiting.fetch_add(1, Ordering::SeqCst) + 1;
-            most_waiting.fetch_max(now, Ordering::SeqCst);
-            let db = rusqlite::Connection::open(ledger.get().unwrap()).unwrap();
-            db.busy_timeout(Duration::from_secs(5)).unwrap();
-            let recorded: i64 = db
-                .query_row(
-                    "SELECT count(*) FROM message WHERE state = 'delivered'",
-                    [],
-                    |r| r.get(0),
-                )
-                .unwrap();
-            let text = String::from_utf8_lossy(&got.data);
-            let subject = text
-                .lines()
-                .find_map(|l| l.strip_prefix("Subject: "))
-                .unwrap_or("?")
-                .to_string();
-            seen.lock().unwrap().push((n, recorded, subject));
-            // Slow to answer, so that another session's "." would arrive
-            // meanwhile if the sessions were not kept in turn.
-            std::thread::sleep(Duration::from_millis(30));
-            waiting.fetch_sub(1, Ordering::SeqCst);
-            "250 ok".into()
-        })
-    };
-    let case = Case::new(&fake.url(), &["x@example.test"], "delivery_sessions = 3\n");
-    ledger.set(case.ledger.clone()).unwrap();
-    for n in 0..12 {
-        // Some large, so that bodies are still on the wire while others end.
-        let body = "x".repeat(if n % 3 == 0 { 300_000 } else { 100 });
-        drop_message(&case.user, n, &message(n, "bob@remote.test", &body), false);
-    }
-    assert_exit(&case.run(&["run"]), 0);
+    let smtp = SlowSmtp::start(|n, db, got| {
+        let recorded: i64 = db
+            .query_row(
+                "SELECT count(*) FROM message WHERE state = 'delivered'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        (n, recorded, header_of(got, "Subject: "))
+    });
+    let (_case, seen) = smtp.pass("delivery_sessions = 3\n");
     assert!(
-        fake.connections.load(Ordering::SeqCst) >= 2,
+        smtp.fake
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst)
+            >= 2,
         "more than one session was used"
     );
-    assert_eq!(most_waiting.load(Ordering::SeqCst), 1);
-    let seen = seen.lock().unwrap().clone();
+    assert_eq!(smtp.most_waiting(), 1);
     assert_eq!(seen.len(), 12);
     for (n, recorded, subject) in seen {
         assert_eq!(recorded, n as i64, "ledger rows when message {n} ended");
@@ -532,67 +570,27 @@ fn parallel_sessions_complete_one_message_at_a_time_in_uid_order() {
 /// delivered before it. Nothing is delivered twice or left out.
 #[test]
 fn independent_sessions_accept_side_by_side_each_in_its_own_order() {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    use std::sync::{Arc, Mutex, OnceLock};
-    use std::time::Duration;
     // Per message: the session's thread, its Message-ID, and what the
     // ledger had delivered when its "." came.
-    type Seen = (std::thread::ThreadId, String, Vec<String>);
-    let ledger: Arc<OnceLock<std::path::PathBuf>> = Arc::default();
-    let waiting = Arc::new(AtomicU32::new(0));
-    let most_waiting = Arc::new(AtomicU32::new(0));
-    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
-    let fake = {
-        let (ledger, waiting, most_waiting, seen) = (
-            ledger.clone(),
-            waiting.clone(),
-            most_waiting.clone(),
-            seen.clone(),
-        );
-        FakeSmtp::start(move |_, got| {
-            let now = waiting.fetch_add(1, Ordering::SeqCst) + 1;
-            most_waiting.fetch_max(now, Ordering::SeqCst);
-            let db = rusqlite::Connection::open(ledger.get().unwrap()).unwrap();
-            db.busy_timeout(Duration::from_secs(5)).unwrap();
-            let recorded: Vec<String> = db
-                .prepare("SELECT message_id FROM message WHERE state = 'delivered'")
-                .unwrap()
-                .query_map([], |r| r.get(0))
-                .unwrap()
-                .map(Result::unwrap)
-                .collect();
-            let text = String::from_utf8_lossy(&got.data);
-            let id = text
-                .lines()
-                .find_map(|l| l.strip_prefix("Message-ID: "))
-                .unwrap()
-                .trim()
-                .to_string();
-            seen.lock()
-                .unwrap()
-                .push((std::thread::current().id(), id, recorded));
-            // Slow to answer: the other sessions' "." come meanwhile.
-            std::thread::sleep(Duration::from_millis(30));
-            waiting.fetch_sub(1, Ordering::SeqCst);
-            "250 ok".into()
-        })
-    };
-    let case = Case::new(
-        &fake.url(),
-        &["x@example.test"],
-        "delivery_sessions = 3\nindependent_sessions = true\n",
-    );
-    ledger.set(case.ledger.clone()).unwrap();
-    for n in 0..12 {
-        let body = "x".repeat(if n % 3 == 0 { 300_000 } else { 100 });
-        drop_message(&case.user, n, &message(n, "bob@remote.test", &body), false);
-    }
-    assert_exit(&case.run(&["run"]), 0);
+    let smtp = SlowSmtp::start(|_, db, got| {
+        let recorded: Vec<String> = db
+            .prepare("SELECT message_id FROM message WHERE state = 'delivered'")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        (
+            std::thread::current().id(),
+            header_of(got, "Message-ID: "),
+            recorded,
+        )
+    });
+    let (case, seen) = smtp.pass("delivery_sessions = 3\nindependent_sessions = true\n");
     assert!(
-        most_waiting.load(Ordering::SeqCst) >= 2,
+        smtp.most_waiting() >= 2,
         "sessions waited for their replies at the same time"
     );
-    let seen = seen.lock().unwrap().clone();
     let mut ids: Vec<&String> = seen.iter().map(|(_, id, _)| id).collect();
     ids.sort();
     ids.dedup();
