@@ -1,6 +1,6 @@
 //! The one-shot pull against real servers: what a user would check.
 
-use crate::fake::FakeSmtp;
+use crate::fake::{fake_message, FakeSmtp};
 use crate::harness::*;
 
 #[test]
@@ -685,4 +685,22 @@ fn a_pass_stopped_early_does_not_download_the_whole_mailbox() {
         bytes_in < 17_000_000,
         "{bytes_in} bytes downloaded for a pass that stopped after two messages"
     );
+}
+
+/// An emptied mailbox (UIDNEXT moved, nothing left) is not asked for
+/// "1:*" (some servers refuse a FETCH of a set whose "*" names no
+/// message, where a SEARCH was fine): `decide::scan` ends the pass at
+/// SELECT.
+#[test]
+fn an_emptied_mailbox_is_not_fetched_from() {
+    let server = crate::fake::MailServer::start("UIDPLUS", (1..=3).map(fake_message).collect());
+    server.state.lock().unwrap().inbox.clear();
+    let smtp = FakeSmtp::start(|_, _| "250 ok".into());
+    let case = Case::new(&smtp.url(), &["x@example.test"], "initial = \"all\"");
+    case.use_imap_at(server.port, "none");
+    assert_exit(&case.run(&["run"]), 0);
+    let cmds = server.commands();
+    assert!(cmds.iter().any(|c| c.contains(" SELECT ")), "{cmds:?}");
+    assert!(!cmds.iter().any(|c| c.contains("FETCH")), "{cmds:?}");
+    assert!(smtp.messages().is_empty());
 }
