@@ -457,27 +457,14 @@ impl Imap {
     /// takes them, so a large message is in memory once, and only while
     /// it is the one being read.
     pub async fn fetch(&mut self, set: &str, items: &str) -> Result<FetchStream<'_>> {
-        let what = format!("UID FETCH {set} {items}");
-        let mut ignore = |_| Ok(());
-        let tag = self
-            .conn
-            .send(
-                &what,
-                &[
-                    Part::Text("UID FETCH "),
-                    Part::Text(set),
-                    Part::Text(" "),
-                    Part::Text(items),
-                ],
-                &mut ignore,
-            )
-            .await?;
-        Ok(FetchStream {
+        let mut stream = FetchStream {
             conn: &mut self.conn,
-            tag: Some(tag),
-            what,
+            tag: None,
+            what: String::new(),
             ahead: std::collections::VecDeque::new(),
-        })
+        };
+        stream.send_ahead(set, items).await?;
+        Ok(stream)
     }
 
     /// Adds `\Seen` to `uids`, in batches.

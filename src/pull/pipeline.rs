@@ -377,7 +377,10 @@ async fn feed_commands(
     let since = std::time::Instant::now();
     let mut stream = imap.fetch(&first.set, FETCH_ITEMS).await?;
     let rtt = stream.min_rtt().filter(|r| *r >= AHEAD_MIN_RTT);
-    let (mut outstanding, mut messages) = (first.bytes, first.messages);
+    let mut asked = Asked {
+        bytes: first.bytes,
+        messages: first.messages,
+    };
     let mut received = 0u64;
     let mut receiver_gone = false;
     loop {
@@ -386,19 +389,18 @@ async fn feed_commands(
         // stream ends only with the tagged OK; NO, BAD or a drop is an
         // error.
         let Some(f) = stream.next().await.with_context(context)? else {
-            // Every command sent is done: the next one, if any is left
-            // and delivery goes on.
-            match commands.next().filter(|_| !receiver_gone) {
-                Some(c) => {
-                    stream
-                        .send_ahead(&c.set, FETCH_ITEMS)
-                        .await
-                        .with_context(context)?;
-                    (outstanding, messages) = (c.bytes, c.messages);
-                    continue;
-                }
-                None => return Ok(()),
+            // Every command sent is done (what did not come is gone):
+            // the next one, if any is left and delivery goes on.
+            asked = Asked::default();
+            if receiver_gone
+                || !asked
+                    .send_next(&mut stream, &mut commands)
+                    .await
+                    .with_context(context)?
+            {
+                return Ok(());
             }
+            continue;
         };
         // Unsolicited FETCHes (another client's flag change) carry no
         // body; they are not ours.
@@ -411,8 +413,7 @@ async fn feed_commands(
         if !ours {
             continue;
         }
-        outstanding = outstanding.saturating_sub(f.size.unwrap_or(len as u64).max(len as u64));
-        messages = messages.saturating_sub(1);
+        asked.came(f.size.unwrap_or(len as u64).max(len as u64));
         received += len as u64;
         if !receiver_gone {
             receiver_gone = !feed.hand_over(f, len).await;
@@ -420,22 +421,47 @@ async fn feed_commands(
         let Some(rtt) = rtt.filter(|_| !receiver_gone) else {
             continue;
         };
-        if ahead_due(outstanding, messages, received, since.elapsed(), rtt) {
-            if let Some(c) = commands.next() {
-                tracing::debug!(
-                    peer,
-                    outstanding,
-                    messages,
-                    "the next UID FETCH goes out ahead"
-                );
-                stream
-                    .send_ahead(&c.set, FETCH_ITEMS)
-                    .await
-                    .with_context(context)?;
-                outstanding += c.bytes;
-                messages += c.messages;
+        if ahead_due(asked.bytes, asked.messages, received, since.elapsed(), rtt) {
+            let (bytes, messages) = (asked.bytes, asked.messages);
+            if asked
+                .send_next(&mut stream, &mut commands)
+                .await
+                .with_context(context)?
+            {
+                tracing::debug!(peer, bytes, messages, "the next UID FETCH goes out ahead");
             }
         }
+    }
+}
+
+/// What the UID FETCHes sent and not yet done still ask for.
+#[derive(Default)]
+struct Asked {
+    bytes: u64,
+    messages: usize,
+}
+
+impl Asked {
+    /// A message of `size` bytes came.
+    fn came(&mut self, size: u64) {
+        self.bytes = self.bytes.saturating_sub(size);
+        self.messages = self.messages.saturating_sub(1);
+    }
+
+    /// Sends the next of `commands` behind those still answered; false
+    /// when none is left.
+    async fn send_next(
+        &mut self,
+        stream: &mut crate::imap::FetchStream<'_>,
+        commands: &mut std::slice::Iter<'_, Command>,
+    ) -> Result<bool, crate::imap::ImapError> {
+        let Some(c) = commands.next() else {
+            return Ok(false);
+        };
+        stream.send_ahead(&c.set, FETCH_ITEMS).await?;
+        self.bytes += c.bytes;
+        self.messages += c.messages;
+        Ok(true)
     }
 }
 
