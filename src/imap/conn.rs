@@ -33,6 +33,15 @@ const MIN_READ: usize = 4 * 1024;
 /// size, so one read drains it.
 const READ_WINDOW: usize = 64 * 1024;
 
+/// What one read takes into an empty buffer while the connection idles:
+/// IDLE's untagged lines are a few dozen bytes, and a thousand idling
+/// connections that each kept a READ_CHUNK would hold 16 MB for nothing.
+/// A longer response grows the buffer as usual.
+const LEAN_READ: usize = 512;
+
+/// A lean read needs at least this much room, or it gets a fresh buffer.
+const MIN_LEAN_SPARE: usize = 64;
+
 /// Standard responses imapull has no use for: not worth a debug line.
 const ROUTINE: &[&str] = &[
     "FLAGS",
@@ -130,6 +139,9 @@ pub struct Conn {
     /// the server offers neither LITERAL+ nor LITERAL-.
     nonsync_max: usize,
     min_rtt: Option<std::time::Duration>,
+    /// The connection idles: an empty buffer is read into in LEAN_READ
+    /// steps (see `lean`).
+    lean: bool,
 }
 
 impl Conn {
@@ -146,6 +158,7 @@ impl Conn {
             bye: None,
             nonsync_max: 0,
             min_rtt: None,
+            lean: false,
         }
     }
 
@@ -192,7 +205,14 @@ impl Conn {
                     return Err(self.fail(ImapError::Frame { peer, what }));
                 }
             }
-            self.make_room();
+            if self.lean && self.buf.is_empty() {
+                let cap = self.buf.capacity();
+                if !(MIN_LEAN_SPARE..=2 * LEAN_READ).contains(&cap) {
+                    self.buf = BytesMut::with_capacity(LEAN_READ);
+                }
+            } else {
+                self.make_room();
+            }
             // One read fills at most READ_WINDOW: the layers below (TLS)
             // zero the buffer they are handed, and handing them a whole
             // 50 MB literal's space on every read would zero it each time.
@@ -214,8 +234,8 @@ impl Conn {
     /// Gives back a large response buffer that holds nothing: after a
     /// FETCH it may be as large as the largest message, and a connection
     /// that will idle for hours needs none of it. The next read allocates
-    /// afresh.
-    fn release_buffer(&mut self) {
+    /// afresh. Done at the end of every command, and once logged in.
+    pub fn release_buffer(&mut self) {
         if self.buf.is_empty() && self.buf.capacity() > 2 * MIN_READ {
             self.buf = BytesMut::new();
         }
@@ -475,11 +495,11 @@ impl Conn {
         self.nonsync_max = nonsync_limit(caps);
     }
 
-    /// Lets an idle connection give back a large buffer.
-    pub fn shrink(&mut self) {
-        if self.buf.is_empty() && self.buf.capacity() > 4 * READ_CHUNK {
-            self.buf = BytesMut::new();
-        }
+    /// While `on`, the connection idles: an empty response buffer is
+    /// replaced by one of LEAN_READ bytes before a read, so that a
+    /// connection waiting for hours holds no more than that.
+    pub fn lean(&mut self, on: bool) {
+        self.lean = on;
     }
 }
 
@@ -576,6 +596,36 @@ mod tests {
                 "{len} {cap} {lit} {line}"
             );
         }
+    }
+
+    /// An idling connection waits with a small buffer, a long response
+    /// still comes whole while it idles, and out of idle an empty buffer
+    /// gets a whole read's worth again.
+    #[tokio::test]
+    async fn an_idling_connection_reads_into_a_small_buffer() {
+        use tokio::io::AsyncWriteExt as _;
+        let (a, mut server) = tokio::io::duplex(1 << 20);
+        let mut conn = Conn::new(Box::new(a), "test".into(), 1 << 20);
+        conn.lean(true);
+        server.write_all(b"* 4 EXISTS\r\n").await.unwrap();
+        let r = conn.read().await.unwrap();
+        assert!(matches!(r, Response::Data(Data::Exists(4))), "{r:?}");
+        assert!(
+            conn.buf.capacity() <= 2 * LEAN_READ,
+            "{}",
+            conn.buf.capacity()
+        );
+        let text = "x".repeat(40_000);
+        let line = format!("* 1 FETCH (UID 7 BODY[] {{{}}}\r\n{text})\r\n", text.len());
+        server.write_all(line.as_bytes()).await.unwrap();
+        match conn.read().await.unwrap() {
+            Response::Data(Data::Fetch(f)) => assert_eq!(f.uid, Some(7)),
+            r => panic!("{r:?}"),
+        }
+        conn.lean(false);
+        server.write_all(b"* 5 EXISTS\r\n").await.unwrap();
+        conn.read().await.unwrap();
+        assert!(conn.buf.capacity() >= MIN_READ, "{}", conn.buf.capacity());
     }
 
     #[test]

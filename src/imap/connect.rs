@@ -519,11 +519,17 @@ async fn ready(
     tunnel: Option<TunnelInfo>,
 ) -> Result<Imap, ConnectError> {
     conn.use_capabilities(&caps);
+    // The greeting and the login were read outside a command's end, where
+    // the buffer is given back: a connection waiting for its first pass
+    // would hold a read's worth.
+    conn.release_buffer();
     let normal_limit = wire.limit_ms.load(Ordering::Relaxed);
+    let mut names: Vec<&str> = caps.iter().map(String::as_str).collect();
+    names.sort_unstable();
     let mut imap = Imap {
         peer: conn.peer.clone(),
         conn,
-        caps,
+        caps: names.join(" ").into_boxed_str(),
         tunnel,
         wire,
         normal_limit,
