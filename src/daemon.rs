@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use sd_notify::NotifyState;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument as _;
 
 use crate::config::{Account, Config, MailboxConfig};
@@ -175,9 +175,10 @@ pub fn plan_tasks(config: &Config) -> Vec<TaskSpec> {
     out
 }
 
-/// Shared live figures for the STATUS line.
-#[derive(Default)]
+/// What the tasks share: the live figures for the STATUS line and the
+/// metrics, and the permits to work.
 struct Status {
+    gate: Gate,
     connected: AtomicUsize,
     /// Connections in IDLE now.
     idling: AtomicUsize,
@@ -189,6 +190,18 @@ struct Status {
 }
 
 impl Status {
+    fn new(parallel: usize) -> Status {
+        Status {
+            gate: Gate::new(parallel),
+            connected: AtomicUsize::default(),
+            idling: AtomicUsize::default(),
+            rounds: AtomicUsize::default(),
+            delivered: AtomicUsize::default(),
+            failing: Mutex::default(),
+            last_delivery: Mutex::default(),
+        }
+    }
+
     fn live(&self) -> crate::metrics::Live {
         crate::metrics::Live {
             connected: self.connected.load(Ordering::Relaxed) as i64,
@@ -215,8 +228,62 @@ impl Status {
     }
 }
 
+/// How many of the daemon's connections may work at once
+/// (`parallel_accounts`): connect and log in, or run a pass. A connection
+/// that idles, or waits to reconnect, holds no permit.
+///
+/// Without it a daemon that started on a thousand accounts ran a thousand
+/// TLS handshakes and first passes at once: the IMAP server took them as a
+/// storm, the local server could be asked for as many sessions, and the
+/// daemon's memory kept that peak for good (the allocator holds on to the
+/// freed handshake buffers between the connections' live state).
+struct Gate {
+    permits: Arc<Semaphore>,
+    size: AtomicUsize,
+}
+
+impl Gate {
+    fn new(n: usize) -> Gate {
+        Gate {
+            permits: Arc::new(Semaphore::new(n)),
+            size: AtomicUsize::new(n),
+        }
+    }
+
+    /// A permit to work, or None once the task is stopping (`wake` tells
+    /// it to look at `stop`).
+    async fn enter(&self, stop: &AtomicBool, wake: &Notify) -> Option<OwnedSemaphorePermit> {
+        loop {
+            if stop.load(Ordering::SeqCst) {
+                return None;
+            }
+            tokio::select! {
+                p = self.permits.clone().acquire_owned() => return p.ok(),
+                _ = wake.notified() => {}
+            }
+        }
+    }
+
+    /// A reloaded `parallel_accounts`: more permits at once, fewer as the
+    /// connections that work give theirs back.
+    fn resize(&self, n: usize) {
+        let was = self.size.swap(n, Ordering::SeqCst);
+        if n > was {
+            self.permits.add_permits(n - was);
+        } else if n < was {
+            let permits = self.permits.clone();
+            let fewer = (was - n) as u32;
+            tokio::spawn(async move {
+                if let Ok(p) = permits.acquire_many_owned(fewer).await {
+                    p.forget();
+                }
+            });
+        }
+    }
+}
+
 struct Running {
-    spec: TaskSpec,
+    spec: Arc<TaskSpec>,
     stop: Arc<AtomicBool>,
     wake: Arc<Notify>,
     handle: tokio::task::JoinHandle<()>,
@@ -240,7 +307,7 @@ pub async fn run_daemon(
         // rather than race it.
         locks.insert(a.name.clone(), lock::try_lock(&config.ledger, &a.name)?);
     }
-    let status = Arc::new(Status::default());
+    let status = Arc::new(Status::new(config.parallel_accounts));
     let mut tasks: HashMap<String, Running> = HashMap::new();
     for spec in plan_tasks(&config) {
         start_task(&mut tasks, spec, &ledger, &now, &status);
@@ -271,6 +338,7 @@ pub async fn run_daemon(
                         Err(e) => tracing::error!("configuration not reloaded, keeping the old one: {e}"),
                         Ok(mut new) => {
                             new.metrics_file = config.metrics_file.clone();
+                            status.gate.resize(new.parallel_accounts);
                             reload(&mut tasks, &mut locks, &new, &ledger, &now, &status).await;
                             metrics.reloaded(new);
                         }
@@ -482,7 +550,7 @@ async fn reload(
         plan_tasks(new).into_iter().map(|s| (s.key(), s)).collect();
     let stale: Vec<String> = tasks
         .iter()
-        .filter(|(k, t)| wanted.get(*k) != Some(&t.spec))
+        .filter(|(k, t)| wanted.get(*k) != Some(&*t.spec))
         .map(|(k, _)| k.clone())
         .collect();
     let mut stopping = Vec::new();
@@ -533,6 +601,7 @@ fn start_task(
     let stop = Arc::new(AtomicBool::new(false));
     let wake = Arc::new(Notify::new());
     let key = spec.key();
+    let spec = Arc::new(spec);
     let span = tracing::info_span!("watch", account = %spec.account.name);
     let handle = tokio::spawn(
         watch(
@@ -557,8 +626,12 @@ fn start_task(
 }
 
 /// One watched mailbox (or group): connect, serve, back off, again.
+///
+/// This future is what an idle connection holds for as long as it idles,
+/// a thousand times over with a thousand accounts: what a pass, a connect
+/// or an alert needs is boxed, for the time it runs.
 async fn watch(
-    spec: TaskSpec,
+    spec: Arc<TaskSpec>,
     ledger: LedgerHandle,
     now: Clock,
     stop: Arc<AtomicBool>,
@@ -568,8 +641,10 @@ async fn watch(
     let key = spec.key();
     let mut backoff = Backoff::new();
     let mut last_auth_log: Option<Instant> = None;
-    while !stop.load(Ordering::SeqCst) {
-        let (error, to_cap) = match Imap::connect(&spec.account).await {
+    while let Some(permit) = status.gate.enter(&stop, &wake).await {
+        let connected = Box::pin(Imap::connect(&spec.account)).await.map(Box::new);
+        drop(permit);
+        let (error, to_cap) = match connected {
             Err(ConnectError::Auth(e)) => {
                 if last_auth_log.is_none_or(|t| t.elapsed() >= AUTH_LOG_EVERY) {
                     tracing::error!(
@@ -604,8 +679,15 @@ async fn watch(
                 }
             }
         };
-        crate::health::failed(&ledger, &spec.account, &spec.mailboxes, now(), &error).await;
-        crate::alert::evaluate(&spec.account, &ledger, now()).await;
+        Box::pin(crate::health::failed(
+            &ledger,
+            &spec.account,
+            &spec.mailboxes,
+            now(),
+            &error,
+        ))
+        .await;
+        Box::pin(crate::alert::evaluate(&spec.account, &ledger, now())).await;
         if let Ok(mut f) = status.failing.lock() {
             f.insert(key.clone(), error);
         }
@@ -621,7 +703,7 @@ async fn watch(
 /// Serves one connection until an error (returned) or a stop (Ok).
 async fn serve(
     spec: &TaskSpec,
-    mut imap: Imap,
+    mut imap: Box<Imap>,
     ledger: &LedgerHandle,
     now: &Clock,
     stop: &AtomicBool,
@@ -642,10 +724,10 @@ async fn serve(
     // Mailboxes whose ledger row may hold a retry time, to clear once none
     // is due: all of them at first (a time left by an earlier run).
     let mut on_record: HashSet<String> = spec.mailboxes.iter().map(|m| m.name.clone()).collect();
-    loop {
+    while let Some(permit) = status.gate.enter(stop, wake).await {
         let mut deferred = Vec::new();
         for mb in &spec.mailboxes {
-            let work = work_mailbox(&ctx, &mut imap, &mut sessions, mb, Mode::Pull).await;
+            let work = Box::pin(work_mailbox(&ctx, &mut imap, &mut sessions, mb, Mode::Pull)).await;
             if work.report.deferred > 0 {
                 deferred.push((mb.name.clone(), work.report.deferred));
             }
@@ -672,12 +754,13 @@ async fn serve(
         // Sessions to the local server are opened when there is mail and
         // not kept between passes.
         sessions.quit().await;
+        drop(permit);
         if stop.load(Ordering::SeqCst) {
             break;
         }
         // Deferred mail is retried on its own schedule, not only when new
         // mail comes or at the next catch-up.
-        let retry_in = schedule_retry(
+        let retry_in = Box::pin(schedule_retry(
             account,
             ledger,
             now,
@@ -685,9 +768,9 @@ async fn serve(
             &mut on_record,
             &spec.mailboxes,
             &deferred,
-        )
+        ))
         .await?;
-        crate::alert::evaluate(account, ledger, now()).await;
+        Box::pin(crate::alert::evaluate(account, ledger, now())).await;
         status.rounds.fetch_add(1, Ordering::Relaxed);
         if idle {
             // Re-issued before idle_timeout, and a pass at least every
@@ -695,10 +778,10 @@ async fn serve(
             let wait = account.idle_timeout.min(account.catchup_interval);
             let wait = retry_in.map_or(wait, |r| r.min(wait));
             status.idling.fetch_add(1, Ordering::Relaxed);
-            let idled = imap.idle(wait, wake, stop).await;
+            let idled = Box::pin((*imap).idle(wait, wake, stop)).await;
             status.idling.fetch_sub(1, Ordering::Relaxed);
             let (i, end) = idled?;
-            imap = i;
+            *imap = i;
             tracing::debug!(?end, "IDLE ended");
             if end == IdleEnd::Stopped {
                 return Ok(());
@@ -715,7 +798,7 @@ async fn serve(
             break;
         }
     }
-    imap.logout().await;
+    Box::pin(imap.logout()).await;
     Ok(())
 }
 
@@ -784,6 +867,33 @@ fn raise_nofile_limit() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reload's `parallel_accounts`: more permits at once, fewer once
+    /// the connections at work give theirs back; a stopping task gets none.
+    #[tokio::test]
+    async fn the_gate_follows_a_reloaded_parallel_accounts() {
+        let gate = Gate::new(2);
+        let (stop, wake) = (AtomicBool::new(false), Notify::new());
+        let a = gate.enter(&stop, &wake).await.unwrap();
+        let b = gate.enter(&stop, &wake).await.unwrap();
+        gate.resize(1);
+        drop((a, b));
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(gate.permits.available_permits(), 1);
+        gate.resize(3);
+        assert_eq!(gate.permits.available_permits(), 3);
+        let held = gate.permits.clone().try_acquire_many_owned(3).unwrap();
+        // Waiting for a permit when the daemon stops.
+        let stopping = async {
+            stop.store(true, Ordering::SeqCst);
+            wake.notify_one();
+        };
+        let (got, ()) = tokio::join!(gate.enter(&stop, &wake), stopping);
+        assert!(got.is_none());
+        drop(held);
+    }
 
     #[test]
     fn backoff_doubles_to_the_cap_with_jitter() {

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::fake::{fake_message, FakeSmtp, MailServer};
+use crate::fake::{fake_message, BusyImap, FakeSmtp, MailServer};
 use crate::harness::*;
 
 /// A running daemon whose log goes to a file; killed if still running
@@ -150,6 +150,35 @@ fn idle_delivers_within_seconds_on_every_mailbox() {
     let (code, log) = d.stop();
     assert_eq!(code, Some(0), "{log}");
     assert!(log.contains("stopped"), "{log}");
+}
+
+/// A daemon starting on many accounts connects, logs in and runs first
+/// passes `parallel_accounts` at a time, not all at once.
+#[test]
+fn accounts_connect_and_pass_parallel_accounts_at_a_time() {
+    let server = BusyImap::start(Duration::from_millis(300));
+    let smtp = FakeSmtp::start(|_, _| "250 ok".into());
+    let case = Case::new(&smtp.url(), &["x@example.test"], "");
+    case.use_imap_at(server.port, "none");
+    for i in 0..5 {
+        add_account(&case, &format!("more{i}"), "");
+    }
+    let t = std::fs::read_to_string(&case.config).unwrap();
+    std::fs::write(&case.config, format!("parallel_accounts = 2\n{t}")).unwrap();
+    let d = Daemon::start(&case);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server.idling.load(std::sync::atomic::Ordering::SeqCst) < 6 {
+        assert!(Instant::now() < deadline, "{}", d.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Six at once without the limit; two side by side with it.
+    assert_eq!(
+        server.most.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "{}",
+        d.log()
+    );
+    assert_eq!(d.stop().0, Some(0));
 }
 
 #[test]

@@ -5,7 +5,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -737,6 +737,121 @@ fn mail_session(s: TcpStream, caps: &str, state: &Mutex<MailState>) -> std::io::
         w.write_all(out.as_bytes())?;
         w.write_all(&bytes)?;
         w.write_all(format!("{tag} OK {cmd} done\r\n").as_bytes())?;
+    }
+}
+
+/// An IMAP server for many clients at once, each with an empty INBOX to
+/// IDLE on. It counts how many sessions it saw at work at the same time:
+/// from the connection to the end of the login, and while a SELECT is
+/// answered. The greeting and the SELECT's answer each wait `delay`, so
+/// that clients that start together overlap.
+pub struct BusyImap {
+    pub port: u16,
+    /// The most sessions at work at once.
+    pub most: Arc<AtomicUsize>,
+    /// Sessions that reached IDLE.
+    pub idling: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl BusyImap {
+    pub fn start(delay: Duration) -> BusyImap {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let most = Arc::new(AtomicUsize::new(0));
+        let idling = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let working = Arc::new(AtomicUsize::new(0));
+        let (m, i, st) = (most.clone(), idling.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !st.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((s, _)) => {
+                        s.set_nonblocking(false).unwrap();
+                        let (w, m, i) = (working.clone(), m.clone(), i.clone());
+                        std::thread::spawn(move || busy_session(s, delay, &w, &m, &i));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        BusyImap {
+            port,
+            most,
+            idling,
+            stop,
+        }
+    }
+}
+
+impl Drop for BusyImap {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+fn busy_session(
+    s: TcpStream,
+    delay: Duration,
+    working: &AtomicUsize,
+    most: &AtomicUsize,
+    idling: &AtomicUsize,
+) -> std::io::Result<()> {
+    let start = || {
+        let now = working.fetch_add(1, Ordering::SeqCst) + 1;
+        most.fetch_max(now, Ordering::SeqCst);
+    };
+    let end = || working.fetch_sub(1, Ordering::SeqCst);
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut w = s.try_clone()?;
+    let mut r = BufReader::new(s);
+    start();
+    std::thread::sleep(delay);
+    w.write_all(b"* OK [CAPABILITY IMAP4rev1 IDLE AUTH=PLAIN SASL-IR] busy\r\n")?;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if r.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let (tag, command) = line.trim_end().split_once(' ').unwrap_or(("*", ""));
+        let (tag, verb) = (
+            tag.to_string(),
+            command.split(' ').next().unwrap_or("").to_ascii_uppercase(),
+        );
+        let answer = match verb.as_str() {
+            "AUTHENTICATE" | "LOGIN" => {
+                let ok = format!("{tag} OK [CAPABILITY IMAP4rev1 IDLE] in\r\n");
+                // Ended as the answer goes: the client's permit outlasts it.
+                end();
+                ok
+            }
+            "SELECT" | "EXAMINE" => {
+                start();
+                std::thread::sleep(delay);
+                end();
+                format!(
+                    "* 0 EXISTS\r\n* OK [UIDVALIDITY 7] v\r\n* OK [UIDNEXT 1] n\r\n\
+                     {tag} OK [READ-WRITE] selected\r\n"
+                )
+            }
+            "IDLE" => {
+                idling.fetch_add(1, Ordering::SeqCst);
+                w.write_all(b"+ idling\r\n")?;
+                line.clear();
+                if r.read_line(&mut line)? == 0 {
+                    return Ok(());
+                }
+                format!("{tag} OK idle done\r\n")
+            }
+            "LOGOUT" => {
+                w.write_all(format!("* BYE bye\r\n{tag} OK out\r\n").as_bytes())?;
+                return Ok(());
+            }
+            _ => format!("{tag} OK done\r\n"),
+        };
+        w.write_all(answer.as_bytes())?;
     }
 }
 
