@@ -536,7 +536,6 @@ async fn ready(
         compressed: false,
         compress: account.compress,
         will_idle: false,
-        noop_timed: false,
     };
     if account.compress == Compress::Always {
         imap.compress_for(0).await.map_err(unavailable)?;

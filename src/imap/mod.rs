@@ -68,8 +68,6 @@ pub struct Imap {
     /// The daemon will IDLE on this connection: keep it uncompressed (short
     /// of `compress = "always"`), so that the server can hibernate it.
     will_idle: bool,
-    /// A NOOP has timed the round trip on this connection (`compress_for`).
-    noop_timed: bool,
 }
 
 /// A round trip at least this long means the link is slower than a LAN,
@@ -167,19 +165,26 @@ impl Imap {
     /// the amount say so ([`should_compress`]). A server that refuses it is
     /// no error: the pass goes on uncompressed.
     pub async fn compress_for(&mut self, bytes: u64) -> Result<()> {
-        let mut yes = self.would_compress(bytes);
+        let judge = |me: &Self| {
+            should_compress(
+                me.compress,
+                me.has("COMPRESS=DEFLATE"),
+                me.compressed,
+                me.will_idle,
+                me.conn.min_rtt(),
+                bytes,
+            )
+        };
+        let mut yes = judge(self);
         // The commands timed so far (the login, SELECT, SEARCH, the sizes)
         // all make the server work, and on a large mailbox each may take a
         // few milliseconds on a LAN or loopback: before compressing a link
         // that looks slow, one NOOP (which costs the server nothing) times
-        // the round trip itself. It usually went out with the discovery of
-        // new mail ([`Imap::discover`]), in the same round trip; if not, it
-        // costs one here, on a pass that fetches at least
-        // AUTO_COMPRESS_BYTES over a link that looks slow.
-        if yes && self.compress == Compress::Auto && !self.noop_timed {
+        // the round trip itself. On a real WAN it costs that round trip,
+        // on a pass that fetches at least AUTO_COMPRESS_BYTES.
+        if yes && self.compress == Compress::Auto {
             self.simple("NOOP", &[Part::Text("NOOP")]).await?;
-            self.noop_timed = true;
-            yes = self.would_compress(bytes);
+            yes = judge(self);
         }
         let rtt = self.conn.min_rtt();
         // The measured round trip, in microseconds, either way: what `auto`
@@ -202,19 +207,6 @@ impl Imap {
             }
             r => Ok(r?),
         }
-    }
-
-    /// Whether `compress` says to compress a pass that fetches `bytes`,
-    /// judged by the round trip timed so far.
-    fn would_compress(&self, bytes: u64) -> bool {
-        should_compress(
-            self.compress,
-            self.has("COMPRESS=DEFLATE"),
-            self.compressed,
-            self.will_idle,
-            self.conn.min_rtt(),
-            bytes,
-        )
     }
 
     /// `COMPRESS DEFLATE`, and deflate from the next byte on.
@@ -403,62 +395,38 @@ impl Imap {
     /// one round trip. Like a search, a FETCH line it cannot read fails the
     /// command (a message it missed would look absent, never new); a
     /// message without RFC822.SIZE is found, of unknown size.
-    ///
-    /// On a link that looks slow so far, the NOOP that confirms it before
-    /// COMPRESS ([`Imap::compress_for`]) goes out just before this command:
-    /// the server answers it first, and both cost one round trip.
     pub async fn discover(&mut self, from: u32) -> Result<(BTreeSet<u32>, HashMap<u32, u64>)> {
         let set = format!("{from}:*");
         let what = format!("UID FETCH {set} (UID RFC822.SIZE)");
         let (mut found, mut sizes) = (BTreeSet::new(), HashMap::new());
-        let mut note = |d| {
-            match d {
-                // Without a UID: a flag change of another client.
-                Data::Fetch(f) => {
-                    if let Some(uid) = f.uid {
-                        found.insert(uid);
-                        if let Some(size) = f.size {
-                            sizes.insert(uid, size);
+        self.conn
+            .run(
+                &what,
+                &[
+                    Part::Text("UID FETCH "),
+                    Part::Text(&set),
+                    Part::Text(" (UID RFC822.SIZE)"),
+                ],
+                |d| {
+                    match d {
+                        // Without a UID: a flag change of another client.
+                        Data::Fetch(f) => {
+                            if let Some(uid) = f.uid {
+                                found.insert(uid);
+                                if let Some(size) = f.size {
+                                    sizes.insert(uid, size);
+                                }
+                            }
                         }
+                        Data::Malformed { keyword, why } if keyword == "FETCH" => {
+                            return Err(why.to_string())
+                        }
+                        _ => {}
                     }
-                }
-                Data::Malformed { keyword, why } if keyword == "FETCH" => {
-                    return Err(why.to_string())
-                }
-                _ => {}
-            }
-            Ok(())
-        };
-        let noop =
-            if self.compress == Compress::Auto && !self.noop_timed && self.would_compress(u64::MAX)
-            {
-                let sent = std::time::Instant::now();
-                let tag = self
-                    .conn
-                    .send("NOOP", &[Part::Text("NOOP")], &mut note)
-                    .await?;
-                Some((tag, sent))
-            } else {
-                None
-            };
-        let parts = [
-            Part::Text("UID FETCH "),
-            Part::Text(&set),
-            Part::Text(" (UID RFC822.SIZE)"),
-        ];
-        let tag = self.conn.send(&what, &parts, &mut note).await?;
-        if let Some((noop, sent)) = noop {
-            match self.conn.finish("NOOP", &noop, &mut note).await {
-                Ok(_) => {
-                    self.conn.note_round_trip(sent.elapsed());
-                    self.noop_timed = true;
-                }
-                // Refused: no timing, and the FETCH is still read.
-                Err(e) if e.is_refusal() => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        self.conn.finish(&what, &tag, &mut note).await?;
+                    Ok(())
+                },
+            )
+            .await?;
         Ok((found, sizes))
     }
 

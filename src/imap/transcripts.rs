@@ -675,43 +675,6 @@ async fn an_unreadable_line_fails_the_discovery_of_new_mail() {
     assert!(format!("{e}").contains("unreadable"), "{e}");
 }
 
-/// On a link that looked slow so far, `compress = "auto"` sends the NOOP
-/// that times the round trip just before the discovery of new mail. Its
-/// answer, OK or even NO, leaves the discovery whole; only an OK counts as
-/// timed (a refused one is timed again before COMPRESS).
-#[tokio::test]
-async fn a_noop_goes_out_with_the_discovery_over_a_slow_link() {
-    const GREETING: &str = "* PREAUTH [CAPABILITY IMAP4rev1 UIDPLUS COMPRESS=DEFLATE] ready\r\n";
-    for (noop, timed) in [("$T OK done\r\n", true), ("$T NO not now\r\n", false)] {
-        let ex = Exchange {
-            expect: vec!["NOOP".into(), "UID FETCH 5:* (UID RFC822.SIZE)".into()],
-            answer: vec![
-                vec!["* 4 EXISTS\r\n".into(), noop.into()],
-                vec![
-                    "* 1 FETCH (UID 5 RFC822.SIZE 100)\r\n".into(),
-                    "* 2 FETCH (UID 6 RFC822.SIZE 200)\r\n".into(),
-                    "$T OK done\r\n".into(),
-                ],
-            ],
-        };
-        let (a, b) = tokio::io::duplex(1 << 16);
-        let server = tokio::spawn(serve(b, GREETING, ex, None));
-        let mut imap = match establish(&account("compress = \"auto\""), over(a), true).await {
-            Ok(i) => i,
-            Err(e) => panic!("{e}"),
-        };
-        // The login and SELECT took 30 ms.
-        imap.conn.note_round_trip(Duration::from_millis(30));
-        let (found, sizes) = imap.discover(5).await.unwrap();
-        assert_eq!(found.into_iter().collect::<Vec<_>>(), [5, 6], "{noop}");
-        assert_eq!((sizes[&5], sizes[&6]), (100, 200), "{noop}");
-        assert_eq!(imap.noop_timed, timed, "{noop}");
-        drop(imap);
-        let seen = server.await.unwrap();
-        assert_eq!(seen.len(), 2, "{seen:?}");
-    }
-}
-
 #[tokio::test]
 async fn a_message_over_the_limit_is_not_held() {
     let big = "x".repeat(5000);

@@ -82,11 +82,6 @@ fn auto_compresses_a_pass_over_a_slow_link_only() {
     // BAD, and the pass goes on uncompressed.
     let at = |what: &str| cmds.iter().position(|c| c.contains(what)).unwrap();
     assert!(at("(UID RFC822.SIZE)") < at("COMPRESS") && at("COMPRESS") < at("BODY.PEEK[]"));
-    // The one NOOP that confirms the slow link went out with the discovery
-    // of new mail, not in a round trip of its own after it.
-    let noops = cmds.iter().filter(|c| c.ends_with(" NOOP")).count();
-    assert_eq!(noops, 1, "{cmds:?}");
-    assert_eq!(at(" NOOP") + 1, at("(UID RFC822.SIZE)"), "{cmds:?}");
     let cmds = on_a_fast_link(|| pass(Duration::ZERO));
     assert!(cmds.iter().any(|c| c.contains("BODY.PEEK[]")), "{cmds:?}");
 }
