@@ -293,17 +293,18 @@ fn real_main(cli: Cli) -> i32 {
             return exit::CONFIG;
         }
     };
-    // One worker thread. A run's passes are futures of the main thread's
-    // `block_on`; the worker drives the sockets and wakes it at once, and
-    // the daemon's tasks run on it. A second worker only woke and parked
-    // (measured on 2 cores with the servers beside imapull: one worker did
-    // 7.6 % more small messages a second and 13 % more realistic ones,
-    // with less CPU; a current-thread runtime lost 16 % on small ones). A
-    // thousand idle accounts, or twenty passes at once, need no more than
-    // one core: the CPU a message costs is a fraction of what the local
-    // server spends on it.
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+    // One thread, which looks at the sockets after every task it runs
+    // (tokio's default is after 61). A run's passes and the daemon's tasks
+    // wait on round trips, and each small message waits for the local
+    // server's reply: noticing it at once matters more than a second core.
+    // Measured on 2 cores with the servers beside imapull (see
+    // docs/performance.md, "One thread"): against two worker threads and
+    // against one, this did more mail a second with less CPU; with the
+    // default interval it lost 16 % on small messages. One core is plenty:
+    // a realistic message costs imapull about 0.4 ms of CPU, a fraction of
+    // what the local server spends on it.
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .event_interval(1)
         .enable_all()
         .build()
     {
