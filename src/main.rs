@@ -298,9 +298,10 @@ fn real_main(cli: Cli) -> i32 {
     // wait on round trips, and each small message waits for the local
     // server's reply: noticing it at once matters more than a second core.
     // Measured on 2 cores with the servers beside imapull (see
-    // docs/performance.md, "One thread"): against two worker threads and
-    // against one, this did more mail a second with less CPU; with the
-    // default interval it lost 16 % on small messages. One core is plenty:
+    // docs/performance.md, "One thread"): against one worker thread (which
+    // beat two), up to 30 % more small messages a second and as many large
+    // ones, with less CPU; with the default interval it lost 16 % on small
+    // messages. One core is plenty:
     // a realistic message costs imapull about 0.4 ms of CPU, a fraction of
     // what the local server spends on it.
     let rt = match tokio::runtime::Builder::new_current_thread()
