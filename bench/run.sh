@@ -26,7 +26,10 @@
 #   bench/run.sh link [RTT MBIT N]    a slow link (default 40 ms, 50 Mbit/s,
 #                                     1000 messages): first pull with and
 #                                     without COMPRESS, nothing new and its
-#                                     round trips, 20 accounts, bytes
+#                                     round trips, 20 accounts, bytes;
+#                                     SHAPE_TIMELINE=DIR also writes each
+#                                     connection's flights and the link's
+#                                     idle times to DIR
 #
 # It prints a table with medians of RUNS runs and the ratios of each tool
 # to imapull and to the limit. docs/performance.md has the latest figures.

@@ -21,7 +21,12 @@
 //!   later, and a new connection waits one RTT first (TCP's handshake).
 //!   Each connection, when it ends, appends to STATS: bytes up and down,
 //!   the client's flights (a flight: the client sends after the server
-//!   did, so a round trip), and its seconds.
+//!   did, so a round trip), and its seconds. With SHAPE_TIMELINE=DIR, each
+//!   connection also writes a file to DIR: when the client sent (seconds
+//!   from the connection's start, bytes, the first bytes) and when the
+//!   link towards the client idled, and how long: where a pull loses time.
+//!   The seed names its messages as Dovecot's delivery does, with their
+//!   sizes (`,S=…,W=…`).
 //! - `seed … wan`: the realistic mix with text of a large vocabulary,
 //!   which deflate shrinks about as much as real mail (the plain mix's
 //!   text shrinks about twice as much).
@@ -162,11 +167,16 @@ fn seed(dir: &Path, n: u64, seed: u64, mix: &str) -> std::io::Result<()> {
         };
         let m = message(&mut rng, i, size, mix == "wan");
         total += m.len() as u64;
-        // Unread, in cur/ so Dovecot need not move it: "N.bench:2,".
-        let mut f = std::fs::File::create(
-            dir.join("cur")
-                .join(format!("{}.{i}.bench:2,", 1_700_000_000 + i)),
-        )?;
+        // Unread, in cur/ so Dovecot need not move it, and named as
+        // Dovecot's own delivery (LMTP, LDA) names a message: with its size
+        // on disk (S=) and its size with CRLF line ends (W=, RFC822.SIZE;
+        // the same here, every line ends in CRLF). Without W= the server
+        // reads every message whole to answer a FETCH of RFC822.SIZE.
+        let mut f = std::fs::File::create(dir.join("cur").join(format!(
+            "{}.{i}.bench,S={len},W={len}:2,",
+            1_700_000_000 + i,
+            len = m.len()
+        )))?;
         f.write_all(&m)?;
     }
     println!(
@@ -185,6 +195,11 @@ struct LinkStats {
     flights: std::sync::atomic::AtomicU64,
     /// 1: the client sent last; 2: the server did.
     last: std::sync::atomic::AtomicU8,
+    /// With SHAPE_TIMELINE set: the client's flights and the times the
+    /// link towards the client idled, in seconds from the connection's
+    /// start, written to a file of that directory when the connection ends.
+    timeline: Option<std::sync::Mutex<Vec<String>>>,
+    t0: Option<tokio::time::Instant>,
 }
 
 async fn shape(
@@ -209,7 +224,12 @@ async fn shape(
             let _ = (c.set_nodelay(true), u.set_nodelay(true));
             let (cr, cw) = c.into_split();
             let (ur, uw) = u.into_split();
-            let st = std::sync::Arc::new(LinkStats::default());
+            let timeline = std::env::var_os("SHAPE_TIMELINE");
+            let st = std::sync::Arc::new(LinkStats {
+                timeline: timeline.is_some().then(Default::default),
+                t0: Some(t0.into()),
+                ..Default::default()
+            });
             tokio::join!(
                 link(cr, uw, rtt / 2, bytes_per_sec, 1, st.clone()),
                 link(ur, cw, rtt / 2, bytes_per_sec, 2, st.clone())
@@ -228,6 +248,11 @@ async fn shape(
                 .open(&stats)
             {
                 let _ = f.write_all(line.as_bytes());
+            }
+            if let (Some(dir), Some(events)) = (timeline, &st.timeline) {
+                let name = format!("{}.{}", std::process::id(), t0.elapsed().as_nanos());
+                let events = events.lock().map(|e| e.join("\n")).unwrap_or_default();
+                let _ = std::fs::write(std::path::Path::new(&dir).join(name), events + "\n");
             }
         });
     }
@@ -262,19 +287,39 @@ async fn link(
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        let now = tokio::time::Instant::now();
+        let secs = |t: tokio::time::Instant| {
+            t.saturating_duration_since(st.t0.unwrap_or(t))
+                .as_secs_f64()
+        };
         if side == 1 {
             st.up.fetch_add(n as u64, Relaxed);
             if st.last.swap(1, Relaxed) != 1 {
                 st.flights.fetch_add(1, Relaxed);
             }
+            if let Some(t) = &st.timeline {
+                let head = String::from_utf8_lossy(&buf[..n.min(60)]).replace(['\r', '\n'], " ");
+                t.lock()
+                    .unwrap()
+                    .push(format!("{:.4} up {n} {head}", secs(now)));
+            }
         } else {
+            // The link towards the client idled since it was last free.
+            if let Some(t) = &st.timeline {
+                if now > free_at + std::time::Duration::from_millis(2) {
+                    t.lock().unwrap().push(format!(
+                        "{:.4} idle {:.4}",
+                        secs(free_at),
+                        (now - free_at).as_secs_f64()
+                    ));
+                }
+            }
             st.down.fetch_add(n as u64, Relaxed);
             st.last.store(2, Relaxed);
         }
         // The link's schedule goes on from where it was, unless it has been
         // idle (a timer that wakes a millisecond late must not cost the
         // link a millisecond a chunk).
-        let now = tokio::time::Instant::now();
         if now > free_at + std::time::Duration::from_millis(5) {
             free_at = now;
         }
