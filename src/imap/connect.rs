@@ -46,6 +46,14 @@ pub struct Transport {
     pub peer: String,
     pub tunnel: Option<TunnelInfo>,
     pub wire: WireStats,
+    /// When implicit TLS's handshake ended. Over TLS 1.3 the server sends
+    /// its greeting once it has the client's Finished, which the end of the
+    /// handshake has just sent: the greeting comes one round trip later
+    /// and costs the server nothing, so it times the link itself
+    /// ([`Imap::compress_for`]). Over TLS 1.2 it comes at once (the
+    /// client's handshake ends with the server's Finished), too soon to
+    /// say a link is slow, which is the only use made of it.
+    pub tls_done: Option<std::time::Instant>,
 }
 
 pub async fn connect(account: &Account) -> Result<Imap, ConnectError> {
@@ -67,11 +75,12 @@ pub async fn establish(
         Ok(g) => g,
         Err(e) => return Err(unavailable(with_exit_report(e, tunnel.as_ref()).await)),
     };
+    let greeted_in = t.tls_done.map(|at| at.elapsed());
     let mut caps = greeting.caps;
     if greeting.preauth {
         // Already authenticated by the tunnel (ssh).
         let caps = known_or_asked(&mut conn, caps).await?;
-        return ready(account, conn, caps, t.wire, tunnel).await;
+        return ready(account, conn, caps, t.wire, tunnel, greeted_in).await;
     }
     if account.tls == TlsMode::Starttls && matches!(account.connect, Connect::Tcp { .. }) {
         conn = starttls(account, conn, caps.take()).await?;
@@ -79,7 +88,7 @@ pub async fn establish(
     let caps = known_or_asked(&mut conn, caps).await?;
     let caps = login(account, &mut conn, &caps).await?;
     let caps = known_or_asked(&mut conn, caps).await?;
-    ready(account, conn, caps, t.wire, tunnel).await
+    ready(account, conn, caps, t.wire, tunnel, greeted_in).await
 }
 
 /// TCP (direct or through SOCKS5) with implicit TLS if configured, or the
@@ -97,6 +106,7 @@ async fn transport(account: &Account) -> Result<Transport, ConnectError> {
                 peer,
                 tunnel: Some(info),
                 wire,
+                tls_done: None,
             })
         }
         Connect::Tcp { proxy } => {
@@ -107,17 +117,21 @@ async fn transport(account: &Account) -> Result<Transport, ConnectError> {
             // Every read and write below is bounded by silence, not by size.
             let tcp = IdleTimeout::new(tcp, limit);
             let wire = tcp.stats();
-            let io: BoxIo = match account.tls {
-                TlsMode::Implicit => tls_wrap(account, Box::new(tcp))
-                    .await
-                    .map_err(unavailable)?,
-                TlsMode::None | TlsMode::Starttls => Box::new(tcp),
+            let (io, tls_done): (BoxIo, _) = match account.tls {
+                TlsMode::Implicit => (
+                    tls_wrap(account, Box::new(tcp))
+                        .await
+                        .map_err(unavailable)?,
+                    Some(std::time::Instant::now()),
+                ),
+                TlsMode::None | TlsMode::Starttls => (Box::new(tcp), None),
             };
             Ok(Transport {
                 io,
                 peer,
                 tunnel: None,
                 wire,
+                tls_done,
             })
         }
     }
@@ -517,6 +531,7 @@ async fn ready(
     caps: HashSet<String>,
     wire: WireStats,
     tunnel: Option<TunnelInfo>,
+    greeted_in: Option<std::time::Duration>,
 ) -> Result<Imap, ConnectError> {
     conn.use_capabilities(&caps);
     // The greeting and the login were read outside a command's end, where
@@ -536,6 +551,7 @@ async fn ready(
         compressed: false,
         compress: account.compress,
         will_idle: false,
+        greeted_in,
     };
     if account.compress == Compress::Always {
         imap.compress_for(0).await.map_err(unavailable)?;

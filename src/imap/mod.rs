@@ -68,6 +68,9 @@ pub struct Imap {
     /// The daemon will IDLE on this connection: keep it uncompressed (short
     /// of `compress = "always"`), so that the server can hibernate it.
     will_idle: bool,
+    /// From the end of implicit TLS's handshake to the greeting: a round
+    /// trip in which the server did no work (see `Transport::tls_done`).
+    greeted_in: Option<Duration>,
 }
 
 /// A round trip at least this long means the link is slower than a LAN,
@@ -179,24 +182,36 @@ impl Imap {
         // The commands timed so far (the login, SELECT, SEARCH, the sizes)
         // all make the server work, and on a large mailbox each may take a
         // few milliseconds on a LAN or loopback: before compressing a link
-        // that looks slow, one NOOP (which costs the server nothing) times
-        // the round trip itself. On a real WAN it costs that round trip,
-        // on a pass that fetches at least AUTO_COMPRESS_BYTES.
-        if yes && self.compress == Compress::Auto {
+        // that looks slow, a round trip in which the server did no work
+        // must say so too. The greeting after TLS 1.3's handshake is one;
+        // without it (plain IMAP, STARTTLS, a tunnel, TLS 1.2), one NOOP
+        // (which costs the server nothing) times the round trip itself. On
+        // a real WAN that costs its round trip, on a pass that fetches at
+        // least AUTO_COMPRESS_BYTES.
+        let greeted_slowly = self.greeted_in.is_some_and(|g| g >= AUTO_COMPRESS_RTT);
+        if yes && self.compress == Compress::Auto && !greeted_slowly {
             self.simple("NOOP", &[Part::Text("NOOP")]).await?;
             yes = judge(self);
         }
         let rtt = self.conn.min_rtt();
         // The measured round trip, in microseconds, either way: what `auto`
-        // judged the link by.
+        // judged the link by; and the greeting's, if timed.
         let rtt_us = rtt.map(|r| r.as_micros());
+        let greeting_us = self.greeted_in.map(|g| g.as_micros());
         if !yes {
-            tracing::debug!(peer = self.peer, rtt_us, bytes, "not compressing this pass");
+            tracing::debug!(
+                peer = self.peer,
+                rtt_us,
+                greeting_us,
+                bytes,
+                "not compressing this pass"
+            );
             return Ok(());
         }
         tracing::debug!(
             peer = self.peer,
             rtt_us,
+            greeting_us,
             bytes,
             "turning COMPRESS=DEFLATE on"
         );

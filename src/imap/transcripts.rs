@@ -104,6 +104,7 @@ fn over(io: impl crate::net::Io + 'static) -> Transport {
         peer: "test".into(),
         tunnel: None,
         wire: WireStats::default(),
+        tls_done: None,
     }
 }
 

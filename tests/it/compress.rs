@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use crate::fake::{fake_message, FakeSmtp, MailServer};
+use crate::fake::{fake_message, FakeSmtp, MailServer, SlowLink};
 use crate::harness::*;
 
 fn big_messages(n: u32) -> Vec<Vec<u8>> {
@@ -94,6 +94,32 @@ fn auto_times_a_noop_before_it_takes_a_busy_server_for_a_slow_link() {
     let cmds = on_a_fast_link(|| fake_pass(|st| st.work = Duration::from_millis(20)));
     assert!(cmds.iter().any(|c| c.contains("NOOP")), "{cmds:?}");
     assert!(!cmds.iter().any(|c| c.contains("COMPRESS")), "{cmds:?}");
+}
+
+/// Over a slow link to the real Dovecot's IMAPS (TLS 1.3), the greeting
+/// comes a round trip after the handshake, with no work for the server:
+/// that confirms the slow link, so `auto` compresses without a NOOP first.
+/// A scripted server over plain TCP has no such greeting, and is sent
+/// one (the tests above).
+#[test]
+fn auto_over_a_slow_tls_link_takes_the_greeting_for_its_noop() {
+    let link = SlowLink::start(env().imaps_port, Duration::from_millis(15));
+    let rcpt = new_recipient();
+    let case = Case::new(&smtp(), &[&rcpt], "");
+    let msgs = big_messages(2);
+    for (i, m) in msgs.iter().enumerate() {
+        drop_message(&case.user, i as u32, m, false);
+    }
+    case.use_imap_at(link.port, "implicit");
+    let out = case.run(&["-vvv", "run"]);
+    assert_exit(&out, 0);
+    let log = stderr(&out);
+    assert!(compressed_log(&out), "{log}");
+    assert!(!log.contains(" NOOP "), "{log}");
+    let got = wait_delivered(&rcpt, 2);
+    for m in &msgs {
+        assert!(got.iter().any(|g| split_delivered(g).body == as_stored(m)));
+    }
 }
 
 #[test]

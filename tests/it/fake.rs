@@ -973,3 +973,61 @@ fn socks_session(
     let _ = t.join();
     Ok(())
 }
+
+/// A far-away link to a real server: a relay on 127.0.0.1 that delivers
+/// what each side sends `one_way` later, in order (a round trip of twice
+/// that), to 127.0.0.1:`upstream`. Its threads end with the connections
+/// and the test process.
+pub struct SlowLink {
+    pub port: u16,
+}
+
+impl SlowLink {
+    pub fn start(upstream: u16, one_way: Duration) -> SlowLink {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for s in listener.incoming().take(16) {
+                let Ok(s) = s else { return };
+                let Ok(up) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    return;
+                };
+                let _ = (s.set_nodelay(true), up.set_nodelay(true));
+                for (from, to) in [(&s, &up), (&up, &s)] {
+                    let (Ok(from), Ok(to)) = (from.try_clone(), to.try_clone()) else {
+                        return;
+                    };
+                    std::thread::spawn(move || delayed_copy(from, to, one_way));
+                }
+            }
+        });
+        SlowLink { port }
+    }
+}
+
+/// Copies `from` to `to`, each chunk written `delay` after it was read.
+fn delayed_copy(mut from: TcpStream, mut to: TcpStream, delay: Duration) {
+    use std::io::Read;
+    let (tx, rx) = std::sync::mpsc::channel::<(std::time::Instant, Vec<u8>)>();
+    let writer = std::thread::spawn(move || {
+        for (at, chunk) in rx {
+            std::thread::sleep(at.saturating_duration_since(std::time::Instant::now()));
+            if to.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown(std::net::Shutdown::Write);
+    });
+    let mut buf = vec![0u8; 64 * 1024];
+    while let Ok(n) = from.read(&mut buf) {
+        if n == 0
+            || tx
+                .send((std::time::Instant::now() + delay, buf[..n].to_vec()))
+                .is_err()
+        {
+            break;
+        }
+    }
+    drop(tx);
+    let _ = writer.join();
+}
