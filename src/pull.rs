@@ -23,7 +23,7 @@ use anyhow::{anyhow, Result};
 use crate::config::Account;
 use crate::deliver::{headers, Sessions};
 use crate::imap::{uid_sets, Imap, Selected};
-use crate::ledger::{Epoch, Known, LedgerHandle, MailboxLedger, PassClose};
+use crate::ledger::{Epoch, Known, LedgerHandle, MailboxLedger, MailboxState, PassClose};
 use decide::{FirstContact, Plan, Scan};
 pub use pipeline::{FETCH_BATCH_BYTES, IN_FLIGHT_BYTES, PIPELINE_DEPTH};
 
@@ -93,12 +93,24 @@ pub async fn pass(
     mailbox: &str,
     report: &mut PassReport,
 ) -> Result<()> {
-    let sel = imap.select(mailbox).await?;
     let mb = MailboxLedger::new(&ctx.ledger, &ctx.account.name, mailbox);
+    let state = mb.state().await?;
+    // A mailbox the ledger knows: the discovery from its watermark may go
+    // out with the SELECT ([`Imap::select_discovering`]).
+    let (sel, early) = imap
+        .select_discovering(mailbox, state.as_ref().map(|s| s.watermark))
+        .await?;
     let ledger = mb.epoch(sel.uidvalidity);
-    let Some(watermark) = settle(ctx, imap, &mb, &ledger, &sel, report).await? else {
+    let Some(watermark) = settle(ctx, imap, state.as_ref(), &ledger, &sel, report).await? else {
         return Ok(());
     };
+    // Usable where it asked what this pass asks: from the same watermark,
+    // under the same UIDVALIDITY.
+    let early = early.filter(|_| {
+        state
+            .as_ref()
+            .is_some_and(|s| s.uidvalidity == sel.uidvalidity && s.watermark == watermark)
+    });
     let known: Known = ledger.known(watermark).await?;
     let plan = decide::plan(&sel, watermark, known, ctx.account.mark_seen);
     // Flags a crash or a lost connection left unstored.
@@ -115,7 +127,16 @@ pub async fn pass(
         // An error here (NO, BAD, a drop, a line it cannot read) ends the
         // pass: never "empty". The sizes come in the same round trip.
         Scan::SearchFrom(w) => {
-            let (found, sizes) = imap.discover(w).await?;
+            let (found, sizes) = match early {
+                Some(Ok(d)) => d,
+                // Refused beside the SELECT: asked again, alone, and
+                // this time a refusal ends the pass.
+                Some(Err(e)) => {
+                    tracing::debug!(mailbox, "{e:#}; asking again");
+                    imap.discover(w).await?
+                }
+                None => imap.discover(w).await?,
+            };
             (decide::new_mail(&found, w, &plan.known), sizes)
         }
     };
@@ -145,12 +166,12 @@ pub async fn pass(
 async fn settle(
     ctx: &Ctx<'_>,
     imap: &mut Imap,
-    mb: &MailboxLedger,
+    state: Option<&MailboxState>,
     ledger: &Epoch,
     sel: &Selected,
     report: &mut PassReport,
 ) -> Result<Option<u32>> {
-    match mb.state().await? {
+    match state {
         None => first_contact(ctx, imap, ledger, sel, report).await,
         Some(s) if s.uidvalidity != sel.uidvalidity => {
             resync(ctx, imap, ledger, s.uidvalidity, sel.exists).await?;

@@ -289,9 +289,14 @@ impl Conn {
         let started = std::time::Instant::now();
         let tag = self.send(what, parts, &mut on_data).await?;
         let done = self.finish(what, &tag, on_data).await?;
-        let took = started.elapsed();
-        self.min_rtt = Some(self.min_rtt.map_or(took, |m| m.min(took)));
+        self.note_round_trip(started.elapsed());
         Ok(done)
+    }
+
+    /// A command that took `took` from its sending to its tagged reply
+    /// (see `min_rtt`).
+    pub fn note_round_trip(&mut self, took: std::time::Duration) {
+        self.min_rtt = Some(self.min_rtt.map_or(took, |m| m.min(took)));
     }
 
     /// The shortest time a command took from its sending to its tagged

@@ -552,6 +552,7 @@ async fn ready(
         compress: account.compress,
         will_idle: false,
         greeted_in,
+        selected_once: false,
     };
     if account.compress == Compress::Always {
         imap.compress_for(0).await.map_err(unavailable)?;

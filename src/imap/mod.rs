@@ -71,7 +71,13 @@ pub struct Imap {
     /// From the end of implicit TLS's handshake to the greeting: a round
     /// trip in which the server did no work (see `Transport::tls_done`).
     greeted_in: Option<Duration>,
+    /// A SELECT or EXAMINE has been sent on this connection: from then on
+    /// no command goes out beside one ([`Imap::select_discovering`]).
+    selected_once: bool,
 }
+
+/// What a discovery found: the UIDs, and the sizes of those that had one.
+pub type Discovery = (BTreeSet<u32>, HashMap<u32, u64>);
 
 /// A round trip at least this long means the link is slower than a LAN,
 /// where deflate pays: the server's deflate (about 14 MB/s of mail on the
@@ -326,16 +332,45 @@ impl Imap {
     }
 
     pub async fn select(&mut self, mailbox: &str) -> Result<Selected> {
-        self.open("SELECT", mailbox).await
+        Ok(self.open("SELECT", mailbox, None).await?.0)
+    }
+
+    /// SELECT, and on a connection that has selected nothing yet, the
+    /// discovery of mail from UID `from` on ([`Imap::discover`]) sent right
+    /// behind it, so that both cost one round trip. The server answers
+    /// the SELECT first, and runs the discovery in the mailbox it opened.
+    ///
+    /// Only where nothing was selected before: RFC 3501 (section 5.5)
+    /// forbids sending commands together where the first changes what the
+    /// next one means, and a server that ran the discovery before the
+    /// SELECT would have answered it from the mailbox selected before, whose
+    /// UIDs are not this one's; with nothing selected it can only refuse
+    /// it. The discovery's outcome comes back as it was, a refusal
+    /// included: the caller uses it only if the pass wants mail from `from`
+    /// on (not when the SELECT shows nothing new, an empty mailbox, or a new
+    /// UIDVALIDITY), and asks again, alone, if it was refused.
+    pub async fn select_discovering(
+        &mut self,
+        mailbox: &str,
+        from: Option<u32>,
+    ) -> Result<(Selected, Option<Result<Discovery>>)> {
+        let from = from.filter(|_| !self.selected_once);
+        self.open("SELECT", mailbox, from).await
     }
 
     /// EXAMINE: SELECT read-only, for the commands that must change
     /// nothing (`verify`, `baseline`): not even `\Recent`.
     pub async fn examine(&mut self, mailbox: &str) -> Result<Selected> {
-        self.open("EXAMINE", mailbox).await
+        Ok(self.open("EXAMINE", mailbox, None).await?.0)
     }
 
-    async fn open(&mut self, verb: &'static str, mailbox: &str) -> Result<Selected> {
+    async fn open(
+        &mut self,
+        verb: &'static str,
+        mailbox: &str,
+        discover_from: Option<u32>,
+    ) -> Result<(Selected, Option<Result<Discovery>>)> {
+        self.selected_once = true;
         let name = utf7::encode(mailbox);
         let q = quoted(&name);
         let arg = match &q {
@@ -344,24 +379,59 @@ impl Imap {
         };
         let (mut exists, mut uidvalidity, mut uidnext) = (None, None, None);
         let head = format!("{verb} ");
-        self.conn
-            .run(verb, &[Part::Text(&head), arg], |d| {
-                match d {
-                    Data::Exists(n) => exists = Some(n),
-                    Data::Status {
-                        code: Some(Code::UidValidity(v)),
-                        ..
-                    } => uidvalidity = Some(v),
-                    Data::Status {
-                        code: Some(Code::UidNext(n)),
-                        ..
-                    } => uidnext = Some(n),
-                    _ => {}
-                }
-                Ok(())
-            })
-            .await
-            .with_context(|| format!("opening mailbox {mailbox:?} on {} ({verb})", self.peer))?;
+        let on_data = |d| {
+            match d {
+                Data::Exists(n) => exists = Some(n),
+                Data::Status {
+                    code: Some(Code::UidValidity(v)),
+                    ..
+                } => uidvalidity = Some(v),
+                Data::Status {
+                    code: Some(Code::UidNext(n)),
+                    ..
+                } => uidnext = Some(n),
+                _ => {}
+            }
+            Ok(())
+        };
+        let context = || format!("opening mailbox {mailbox:?} on {} ({verb})", self.peer);
+        let (opened, discovery) = match discover_from {
+            None => (
+                self.conn
+                    .run(verb, &[Part::Text(&head), arg], on_data)
+                    .await,
+                None,
+            ),
+            Some(from) => {
+                let started = std::time::Instant::now();
+                let mut ignore = |_| Ok(());
+                let tag = self
+                    .conn
+                    .send(verb, &[Part::Text(&head), arg], &mut ignore)
+                    .await
+                    .with_context(context)?;
+                let set = format!("{from}:*");
+                let (what, parts) = discovery_command(&set);
+                let behind = self.conn.send(&what, &parts, &mut ignore).await;
+                let opened = self.conn.finish(verb, &tag, on_data).await;
+                self.conn.note_round_trip(started.elapsed());
+                // Read to its end whatever the SELECT's outcome, so that
+                // the connection stays in step.
+                let discovery = match behind {
+                    Ok(tag) => {
+                        let mut found = Discovered::default();
+                        self.conn
+                            .finish(&what, &tag, |d| found.take(d))
+                            .await
+                            .map(|_| found.into_parts())
+                            .map_err(anyhow::Error::from)
+                    }
+                    Err(e) => Err(e.into()),
+                };
+                (opened, Some(discovery))
+            }
+        };
+        opened.with_context(context)?;
         let Some(uidvalidity) = uidvalidity else {
             bail!("{} sent no UIDVALIDITY for {mailbox:?}", self.peer);
         };
@@ -374,11 +444,14 @@ impl Imap {
             // same thing for our purpose.
             None => self.search("ALL").await?.iter().max().map_or(1, |m| m + 1),
         };
-        Ok(Selected {
-            uidvalidity,
-            uidnext,
-            exists,
-        })
+        Ok((
+            Selected {
+                uidvalidity,
+                uidnext,
+                exists,
+            },
+            discovery,
+        ))
     }
 
     /// `UID SEARCH query`. A NO or BAD, or a SEARCH result that does not
@@ -410,39 +483,12 @@ impl Imap {
     /// one round trip. Like a search, a FETCH line it cannot read fails the
     /// command (a message it missed would look absent, never new); a
     /// message without RFC822.SIZE is found, of unknown size.
-    pub async fn discover(&mut self, from: u32) -> Result<(BTreeSet<u32>, HashMap<u32, u64>)> {
+    pub async fn discover(&mut self, from: u32) -> Result<Discovery> {
         let set = format!("{from}:*");
-        let what = format!("UID FETCH {set} (UID RFC822.SIZE)");
-        let (mut found, mut sizes) = (BTreeSet::new(), HashMap::new());
-        self.conn
-            .run(
-                &what,
-                &[
-                    Part::Text("UID FETCH "),
-                    Part::Text(&set),
-                    Part::Text(" (UID RFC822.SIZE)"),
-                ],
-                |d| {
-                    match d {
-                        // Without a UID: a flag change of another client.
-                        Data::Fetch(f) => {
-                            if let Some(uid) = f.uid {
-                                found.insert(uid);
-                                if let Some(size) = f.size {
-                                    sizes.insert(uid, size);
-                                }
-                            }
-                        }
-                        Data::Malformed { keyword, why } if keyword == "FETCH" => {
-                            return Err(why.to_string())
-                        }
-                        _ => {}
-                    }
-                    Ok(())
-                },
-            )
-            .await?;
-        Ok((found, sizes))
+        let (what, parts) = discovery_command(&set);
+        let mut found = Discovered::default();
+        self.conn.run(&what, &parts, |d| found.take(d)).await?;
+        Ok(found.into_parts())
     }
 
     /// Which of `uids` the selected mailbox still holds (a search, in
@@ -581,6 +627,50 @@ impl Imap {
             compressed = self.compressed,
             "IMAP session closed"
         );
+    }
+}
+
+/// `UID FETCH set (UID RFC822.SIZE)`: the discovery's name and parts.
+fn discovery_command(set: &str) -> (String, [Part<'_>; 3]) {
+    (
+        format!("UID FETCH {set} (UID RFC822.SIZE)"),
+        [
+            Part::Text("UID FETCH "),
+            Part::Text(set),
+            Part::Text(" (UID RFC822.SIZE)"),
+        ],
+    )
+}
+
+/// A discovery's answers as they come.
+#[derive(Default)]
+struct Discovered {
+    found: BTreeSet<u32>,
+    sizes: HashMap<u32, u64>,
+}
+
+impl Discovered {
+    /// Like a search, a FETCH line that cannot be read fails the command
+    /// (a message missed would look absent, never new).
+    fn take(&mut self, d: Data) -> Result<(), String> {
+        match d {
+            // Without a UID: a flag change of another client.
+            Data::Fetch(f) => {
+                if let Some(uid) = f.uid {
+                    self.found.insert(uid);
+                    if let Some(size) = f.size {
+                        self.sizes.insert(uid, size);
+                    }
+                }
+            }
+            Data::Malformed { keyword, why } if keyword == "FETCH" => return Err(why.to_string()),
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn into_parts(self) -> Discovery {
+        (self.found, self.sizes)
     }
 }
 

@@ -143,6 +143,7 @@ const PREAUTH: &str = "* PREAUTH [CAPABILITY IMAP4rev1 UIDPLUS MOVE IDLE] ready\
 #[derive(Clone, Copy, Debug)]
 enum Cmd {
     Select,
+    SelectDiscovering,
     Search,
     Discover,
     FetchBodies,
@@ -177,6 +178,18 @@ impl Cmd {
                 ),
                 "Selected { uidvalidity: 42, uidnext: 8, exists: 3 }",
             ),
+            Cmd::SelectDiscovering => {
+                let (select, _) = Cmd::Select.clean();
+                let (discover, _) = Cmd::Discover.clean();
+                (
+                    Exchange {
+                        expect: [select.expect, discover.expect].concat(),
+                        answer: [select.answer, discover.answer].concat(),
+                    },
+                    "Selected { uidvalidity: 42, uidnext: 8, exists: 3 } \
+                     ({5, 6, 7}, [(5, 100), (6, 7)])",
+                )
+            }
             Cmd::Search => (
                 ex(
                     "UID SEARCH UID 5:*",
@@ -283,12 +296,12 @@ impl Cmd {
         Ok(match self {
             Cmd::Select => format!("{:?}", imap.select("INBOX").await?),
             Cmd::Search => format!("{:?}", imap.search("UID 5:*").await?),
-            Cmd::Discover => {
-                let (found, sizes) = imap.discover(5).await?;
-                let mut sizes: Vec<(u32, u64)> = sizes.into_iter().collect();
-                sizes.sort_unstable();
-                format!("({found:?}, {sizes:?})")
+            Cmd::SelectDiscovering => {
+                let (sel, d) = imap.select_discovering("INBOX", Some(5)).await?;
+                let d = d.expect("a first SELECT takes the discovery along")?;
+                format!("{sel:?} {}", discovered(d))
             }
+            Cmd::Discover => discovered(imap.discover(5).await?),
             Cmd::FetchBodies => {
                 let mut got = Vec::new();
                 let mut s = imap.fetch("5:6", FETCH_ITEMS).await?;
@@ -319,8 +332,16 @@ impl Cmd {
     }
 }
 
+/// A discovery's result as text, its sizes sorted.
+fn discovered((found, sizes): Discovery) -> String {
+    let mut sizes: Vec<(u32, u64)> = sizes.into_iter().collect();
+    sizes.sort_unstable();
+    format!("({found:?}, {sizes:?})")
+}
+
 const ALL: &[Cmd] = &[
     Cmd::Select,
+    Cmd::SelectDiscovering,
     Cmd::Search,
     Cmd::Discover,
     Cmd::FetchBodies,
@@ -361,7 +382,9 @@ async fn every_oddity_before_every_line_is_ignored() {
     for &cmd in ALL {
         let (ex, want) = cmd.clean();
         for odd in ODDITIES {
-            if matches!(cmd, Cmd::Select | Cmd::Examine) && odd.contains("EXISTS") {
+            if matches!(cmd, Cmd::Select | Cmd::SelectDiscovering | Cmd::Examine)
+                && odd.contains("EXISTS")
+            {
                 // Data SELECT reads, not an oddity: the last one counts.
                 continue;
             }
@@ -1010,4 +1033,112 @@ async fn a_no_with_a_fetch_sent_ahead_reads_that_one_to_its_end() {
         "6 and 7 are not the next FETCH's"
     );
     server.await.unwrap();
+}
+
+/// The first SELECT of a connection takes the discovery along: the server
+/// here reads both commands before it answers either (a client that
+/// waited for the SELECT's answer would hang). A second SELECT goes
+/// alone.
+#[tokio::test]
+async fn a_first_select_sends_the_discovery_behind_it_and_a_second_goes_alone() {
+    let (a, b) = tokio::io::duplex(1 << 16);
+    let server = tokio::spawn(async move {
+        let (r, mut w) = tokio::io::split(b);
+        let mut r = BufReader::new(r);
+        w.write_all(PREAUTH.as_bytes()).await.unwrap();
+        let mut lines = Vec::new();
+        for _ in 0..2 {
+            let mut l = String::new();
+            r.read_line(&mut l).await.unwrap();
+            lines.push(l.trim_end().to_string());
+        }
+        let tag = |l: &str| l.split(' ').next().unwrap().to_string();
+        let (t1, t2) = (tag(&lines[0]), tag(&lines[1]));
+        let answer = format!(
+            "* 3 EXISTS\r\n* OK [UIDVALIDITY 42] v\r\n* OK [UIDNEXT 8] n\r\n{t1} OK done\r\n\
+             * 2 FETCH (UID 6 RFC822.SIZE 60)\r\n* 3 FETCH (UID 7 RFC822.SIZE 70)\r\n{t2} OK done\r\n"
+        );
+        w.write_all(answer.as_bytes()).await.unwrap();
+        let mut l = String::new();
+        r.read_line(&mut l).await.unwrap();
+        lines.push(l.trim_end().to_string());
+        let t3 = tag(&lines[2]);
+        let answer = format!(
+            "* 3 EXISTS\r\n* OK [UIDVALIDITY 42] v\r\n* OK [UIDNEXT 8] n\r\n{t3} OK done\r\n"
+        );
+        w.write_all(answer.as_bytes()).await.unwrap();
+        // Whatever the client sends next: nothing, if it went alone.
+        let mut l = String::new();
+        let _ = r.read_line(&mut l).await;
+        if !l.is_empty() {
+            lines.push(l.trim_end().to_string());
+        }
+        lines
+    });
+    let mut imap = session(a).await;
+    let first = tokio::time::timeout(
+        Duration::from_secs(5),
+        imap.select_discovering("INBOX", Some(6)),
+    )
+    .await
+    .expect("the client waited for the SELECT's answer")
+    .unwrap();
+    assert_eq!(first.0.uidnext, 8);
+    let d = first.1.expect("sent with the first SELECT").unwrap();
+    assert_eq!(discovered(d), "({6, 7}, [(6, 60), (7, 70)])");
+    let second = imap.select_discovering("INBOX", Some(8)).await.unwrap();
+    assert!(second.1.is_none(), "a second SELECT took a command along");
+    drop(imap);
+    let lines = server.await.unwrap();
+    let cmds: Vec<&str> = lines
+        .iter()
+        .map(|l| l.split_once(' ').map_or(l.as_str(), |(_, c)| c))
+        .collect();
+    assert_eq!(
+        cmds,
+        [
+            "SELECT \"INBOX\"",
+            "UID FETCH 6:* (UID RFC822.SIZE)",
+            "SELECT \"INBOX\""
+        ]
+    );
+}
+
+/// A discovery refused beside the SELECT (as a server may refuse `n:*` in
+/// an empty mailbox) is its own error, never an empty result, and the
+/// SELECT's answer stands; the connection stays in step for what follows.
+#[tokio::test]
+async fn a_discovery_refused_beside_the_select_is_its_own_error() {
+    let (select, _) = Cmd::Select.clean();
+    let (noop, _) = Cmd::Noop.clean();
+    for refusal in ["$T NO nothing there\r\n", "$T BAD invalid set\r\n"] {
+        let ex = Exchange {
+            expect: [
+                select.expect.clone(),
+                vec!["UID FETCH 5:* (UID RFC822.SIZE)".into()],
+                noop.expect.clone(),
+            ]
+            .concat(),
+            answer: [
+                select.answer.clone(),
+                vec![vec![refusal.to_string()]],
+                noop.answer.clone(),
+            ]
+            .concat(),
+        };
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let server = tokio::spawn(serve(b, PREAUTH, ex, None));
+        let mut imap = session(a).await;
+        let (sel, d) = imap.select_discovering("INBOX", Some(5)).await.unwrap();
+        assert_eq!(sel.uidnext, 8);
+        let e = d.unwrap().expect_err(refusal);
+        let imap_e = e
+            .chain()
+            .find_map(|c| c.downcast_ref::<ImapError>())
+            .unwrap_or_else(|| panic!("{e:#}"));
+        assert!(imap_e.is_refusal(), "{e:#}");
+        imap.noop().await.expect("the connection stays in step");
+        drop(imap);
+        let _ = server.await;
+    }
 }

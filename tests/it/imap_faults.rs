@@ -306,3 +306,103 @@ fn a_message_over_max_message_size_is_quarantined_unfetched() {
     );
     assert!(!seen_on_server(&server).contains(&2));
 }
+
+/// A mailbox the ledger knows: the discovery goes out with the SELECT. A
+/// refusal of it there is asked again alone, and mail comes; a refusal of
+/// both, a BYE or a drop ends the run with an error, delivers nothing, and
+/// the next run delivers the new mail once.
+#[test]
+fn a_fault_to_the_discovery_sent_with_the_select_loses_nothing() {
+    for (fault, sticky) in [
+        (Fault::No, false),
+        (Fault::Bad, false),
+        (Fault::No, true),
+        (Fault::Bye, false),
+        (Fault::Drop, false),
+    ] {
+        let label = format!("{fault:?}, sticky {sticky}");
+        let server = server();
+        let smtp = FakeSmtp::start(|_, _| "250 ok".into());
+        let c = Case::new(
+            &smtp.url(),
+            &["x@example.test"],
+            "initial = \"all\"\nimap_timeout = \"10s\"",
+        );
+        c.use_imap_at(server.port, "none");
+        crate::harness::assert_exit(&c.run(&["run"]), 0);
+        assert_eq!(received(&smtp).len(), 4, "{label}");
+        {
+            let mut st = server.state.lock().unwrap();
+            st.inbox.push(crate::fake::Msg {
+                uid: 5,
+                flags: Default::default(),
+                body: fake_message(5),
+            });
+            st.uidnext = 6;
+            st.log.clear();
+            st.fault = Some(("UID FETCH 5:* (UID RFC822.SIZE)".into(), fault));
+            st.sticky = sticky;
+        }
+        let out = c.run(&["run"]);
+        let log: Vec<String> = server
+            .commands()
+            .iter()
+            .map(|l| l.split_once(' ').map_or("", |(_, c)| c).to_string())
+            .collect();
+        let select = log.iter().position(|l| l.starts_with("SELECT")).unwrap();
+        assert_eq!(
+            log[select + 1],
+            "UID FETCH 5:* (UID RFC822.SIZE)",
+            "{label}: {log:?}"
+        );
+        if matches!(fault, Fault::No | Fault::Bad) && !sticky {
+            crate::harness::assert_exit(&out, 0);
+            assert_eq!(log[select + 2], log[select + 1], "{label}: asked again");
+            assert_eq!(received(&smtp).get(&5), Some(&1), "{label}");
+        } else {
+            assert_ne!(out.status.code(), Some(0), "{label}: {}", stderr(&out));
+            assert!(!received(&smtp).contains_key(&5), "{label}");
+            assert!(!stderr(&out).contains("nothing new"), "{label}");
+            {
+                let mut st = server.state.lock().unwrap();
+                st.fault = None;
+                st.sticky = false;
+            }
+            crate::harness::assert_exit(&c.run(&["run"]), 0);
+            assert_eq!(received(&smtp).get(&5), Some(&1), "{label}");
+        }
+        assert!(
+            received(&smtp).values().all(|n| *n == 1),
+            "{label}: {:?}",
+            received(&smtp)
+        );
+    }
+}
+
+/// The discovery sent with the SELECT is refused where the SELECT shows
+/// there is nothing to discover (as some servers refuse `n:*` in an empty
+/// mailbox): the pass needed no discovery, and is no failure.
+#[test]
+fn a_refused_discovery_the_pass_did_not_need_is_no_failure() {
+    let server = server();
+    let smtp = FakeSmtp::start(|_, _| "250 ok".into());
+    let c = Case::new(&smtp.url(), &["x@example.test"], "initial = \"all\"");
+    c.use_imap_at(server.port, "none");
+    crate::harness::assert_exit(&c.run(&["run"]), 0);
+    {
+        let mut st = server.state.lock().unwrap();
+        st.inbox.clear();
+        st.log.clear();
+        st.fault = Some(("UID FETCH 5:* (UID RFC822.SIZE)".into(), Fault::Bad));
+        st.sticky = true;
+    }
+    let out = c.run(&["run"]);
+    crate::harness::assert_exit(&out, 0);
+    let log = server.commands();
+    assert!(
+        log.iter()
+            .any(|l| l.ends_with("UID FETCH 5:* (UID RFC822.SIZE)")),
+        "{log:?}"
+    );
+    assert_eq!(received(&smtp).len(), 4);
+}
