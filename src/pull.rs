@@ -20,7 +20,7 @@ use std::collections::HashMap;
 
 use anyhow::{anyhow, Result};
 
-use crate::config::Account;
+use crate::config::{Account, Initial};
 use crate::deliver::{headers, Sessions};
 use crate::imap::{uid_sets, Imap, Selected};
 use crate::ledger::{Epoch, Known, LedgerHandle, MailboxLedger, MailboxState, PassClose};
@@ -95,21 +95,26 @@ pub async fn pass(
 ) -> Result<()> {
     let mb = MailboxLedger::new(&ctx.ledger, &ctx.account.name, mailbox);
     let state = mb.state().await?;
-    // A mailbox the ledger knows: the discovery from its watermark may go
-    // out with the SELECT ([`Imap::select_discovering`]).
-    let (sel, early) = imap
-        .select_discovering(mailbox, state.as_ref().map(|s| s.watermark))
-        .await?;
+    // The discovery may go out with the SELECT ([`Imap::select_discovering`]),
+    // from where this pass will most likely look: the ledger's watermark,
+    // or 1 on a first contact that takes the mail there.
+    let from = match &state {
+        Some(s) => Some(s.watermark),
+        None => (ctx.account.initial != Initial::None).then_some(1),
+    };
+    let (sel, early) = imap.select_discovering(mailbox, from).await?;
     let ledger = mb.epoch(sel.uidvalidity);
     let Some(watermark) = settle(ctx, imap, state.as_ref(), &ledger, &sel, report).await? else {
         return Ok(());
     };
     // Usable where it asked what this pass asks: from the same watermark,
-    // under the same UIDVALIDITY.
+    // under the same UIDVALIDITY (the messages a first contact recorded
+    // as skipped are known, and left out below, like any known UID).
     let early = early.filter(|_| {
-        state
-            .as_ref()
-            .is_some_and(|s| s.uidvalidity == sel.uidvalidity && s.watermark == watermark)
+        from == Some(watermark)
+            && state
+                .as_ref()
+                .is_none_or(|s| s.uidvalidity == sel.uidvalidity)
     });
     let known: Known = ledger.known(watermark).await?;
     let plan = decide::plan(&sel, watermark, known, ctx.account.mark_seen);

@@ -187,14 +187,18 @@ fn every_command_failing_every_way_loses_nothing() {
 
 /// The reported case: a NO to UID SEARCH on the first pass with
 /// `initial = "all"` made the mailbox look empty, for good. New mail is now
-/// found by a UID FETCH of the UIDs and sizes from the watermark on; a NO
-/// to it is no empty mailbox either.
+/// found by a UID FETCH of the UIDs and sizes from the watermark on (sent
+/// with the SELECT, and once more alone if refused there); a NO to it is
+/// no empty mailbox either.
 #[test]
 fn new_mail_search_answered_no_is_not_an_empty_mailbox() {
     let server = server();
     let smtp = FakeSmtp::start(|_, _| "250 ok".into());
-    server.state.lock().unwrap().fault =
-        Some(("UID FETCH 1:* (UID RFC822.SIZE)".into(), Fault::No));
+    {
+        let mut st = server.state.lock().unwrap();
+        st.fault = Some(("UID FETCH 1:* (UID RFC822.SIZE)".into(), Fault::No));
+        st.sticky = true;
+    }
     let c = Case::new(&smtp.url(), &["x@example.test"], "initial = \"all\"");
     c.use_imap_at(server.port, "none");
     let out = c.run(&["run"]);
@@ -206,6 +210,7 @@ fn new_mail_search_answered_no_is_not_an_empty_mailbox() {
     );
     assert!(!stderr(&out).contains("nothing new"), "{}", stderr(&out));
     assert!(smtp.messages().is_empty());
+    server.state.lock().unwrap().fault = None;
     crate::harness::assert_exit(&c.run(&["run"]), 0);
     assert_eq!(received(&smtp).len(), 4);
 }

@@ -687,20 +687,31 @@ fn a_pass_stopped_early_does_not_download_the_whole_mailbox() {
     );
 }
 
-/// An emptied mailbox (UIDNEXT moved, nothing left) is not asked for
-/// "1:*" (some servers refuse a FETCH of a set whose "*" names no
-/// message, where a SEARCH was fine): `decide::scan` ends the pass at
-/// SELECT.
+/// An emptied mailbox (UIDNEXT moved, nothing left): some servers refuse a
+/// FETCH of a set whose "*" names no message, where a SEARCH was fine. The
+/// discovery that went out with the SELECT is refused here; `decide::scan`
+/// ends the pass at the SELECT's EXISTS 0, so the refusal is no failure,
+/// and nothing more is asked.
 #[test]
 fn an_emptied_mailbox_is_not_fetched_from() {
     let server = crate::fake::MailServer::start("UIDPLUS", (1..=3).map(fake_message).collect());
-    server.state.lock().unwrap().inbox.clear();
+    {
+        let mut st = server.state.lock().unwrap();
+        st.inbox.clear();
+        st.fault = Some(("UID FETCH".into(), crate::fake::Fault::Bad));
+        st.sticky = true;
+    }
     let smtp = FakeSmtp::start(|_, _| "250 ok".into());
     let case = Case::new(&smtp.url(), &["x@example.test"], "initial = \"all\"");
     case.use_imap_at(server.port, "none");
     assert_exit(&case.run(&["run"]), 0);
     let cmds = server.commands();
     assert!(cmds.iter().any(|c| c.contains(" SELECT ")), "{cmds:?}");
-    assert!(!cmds.iter().any(|c| c.contains("FETCH")), "{cmds:?}");
+    let fetches: Vec<&String> = cmds.iter().filter(|c| c.contains("FETCH")).collect();
+    assert_eq!(fetches.len(), 1, "{cmds:?}");
+    assert!(
+        fetches[0].ends_with("UID FETCH 1:* (UID RFC822.SIZE)"),
+        "{cmds:?}"
+    );
     assert!(smtp.messages().is_empty());
 }
