@@ -20,7 +20,7 @@ use std::collections::HashMap;
 
 use anyhow::{anyhow, Result};
 
-use crate::config::{Account, Initial};
+use crate::config::Account;
 use crate::deliver::{headers, Sessions};
 use crate::imap::{uid_sets, Imap, Selected};
 use crate::ledger::{Epoch, Known, LedgerHandle, MailboxLedger, MailboxState, PassClose};
@@ -95,13 +95,8 @@ pub async fn pass(
 ) -> Result<()> {
     let mb = MailboxLedger::new(&ctx.ledger, &ctx.account.name, mailbox);
     let state = mb.state().await?;
-    // The discovery may go out with the SELECT ([`Imap::select_discovering`]),
-    // from where this pass will most likely look: the ledger's watermark,
-    // or 1 on a first contact that takes the mail there.
-    let from = match &state {
-        Some(s) => Some(s.watermark),
-        None => (ctx.account.initial != Initial::None).then_some(1),
-    };
+    // The discovery may go out with the SELECT ([`Imap::select_discovering`]).
+    let from = decide::discovery_from(state.as_ref(), ctx.account.initial);
     let (sel, early) = imap.select_discovering(mailbox, from).await?;
     let ledger = mb.epoch(sel.uidvalidity);
     let Some(watermark) = settle(ctx, imap, state.as_ref(), &ledger, &sel, report).await? else {

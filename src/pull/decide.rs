@@ -9,7 +9,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 
 use crate::config::Initial;
 use crate::imap::Selected;
-use crate::ledger::{Known, OldRow};
+use crate::ledger::{Known, MailboxState, OldRow};
 
 /// What a pass must do, from SELECT and the ledger alone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,6 +155,19 @@ pub fn first_contact(initial: Initial, sel: &Selected) -> FirstContact {
         },
         Initial::Unseen if sel.exists > 0 => FirstContact::SkipSeen,
         Initial::Unseen | Initial::All => FirstContact::Everything,
+    }
+}
+
+/// Where the pass will look for new mail from, as far as the ledger says
+/// before the SELECT: the mailbox's watermark, or 1 on a first contact that
+/// takes the mail there ([`first_contact`]'s `SkipSeen` and `Everything`).
+/// None: a first contact that only records UIDNEXT. The discovery sent with
+/// the SELECT asks from here; the pass uses it only if it asks the same.
+pub fn discovery_from(state: Option<&MailboxState>, initial: Initial) -> Option<u32> {
+    match (state, initial) {
+        (Some(s), _) => Some(s.watermark),
+        (None, Initial::None) => None,
+        (None, Initial::Unseen | Initial::All) => Some(1),
     }
 }
 
@@ -362,6 +375,28 @@ mod tests {
                 want,
                 "{initial:?}"
             );
+        }
+    }
+
+    /// The discovery sent with the SELECT asks from where the pass will:
+    /// the watermark, or on a first contact where `first_contact` starts
+    /// (1), and nothing where it only records UIDNEXT.
+    #[test]
+    fn the_discovery_with_the_select_asks_from_where_the_pass_will() {
+        use Initial::*;
+        let known = MailboxState {
+            uidvalidity: 7,
+            watermark: 40,
+        };
+        for initial in [None, Unseen, All] {
+            assert_eq!(discovery_from(Some(&known), initial), Some(40));
+            for exists in [0, 5] {
+                let want = match first_contact(initial, &sel(12, exists)) {
+                    FirstContact::OnlyNew { .. } => Option::None,
+                    FirstContact::SkipSeen | FirstContact::Everything => Some(1),
+                };
+                assert_eq!(discovery_from(Option::None, initial), want, "{initial:?}");
+            }
         }
     }
 
