@@ -47,6 +47,13 @@ fn process_budget() -> std::sync::Arc<tokio::sync::Semaphore> {
         .clone()
 }
 
+/// A message's record is made while the next message's body goes out
+/// ([`Unrecorded`]) when that body has at most this many bytes (one or two
+/// writes, which a local server takes at once). A bigger one is sent
+/// after the record: the message before would otherwise stay accepted and
+/// not recorded for as long as that body is on the wire.
+const RECORD_BEHIND_MAX: usize = 64 << 10;
+
 /// Bytes asked for in one UID FETCH (a bigger message goes alone).
 pub const FETCH_BATCH_BYTES: u64 = 16 << 20;
 
@@ -516,9 +523,10 @@ type Taken = (InFlight, Turn, Prepared);
 /// final "." waiting for the previous message's turn), record it, and hand
 /// the turn on once the record is on disk. With one session, the message
 /// after it is taken as soon as it is fetched, so that its envelope goes
-/// out with this one's "."; its own "." still waits for its turn. `own` is
-/// the turn of this session's last message, which the next one follows
-/// when the sessions are independent.
+/// out with this one's "."; its own "." still waits for its turn, and this
+/// message's record is made while that body goes out ([`Unrecorded`]).
+/// `own` is the turn of this session's last message, which the next one
+/// follows when the sessions are independent.
 async fn session_worker(
     shared: &Shared<'_>,
     deliverer: &mut Deliverer,
@@ -527,8 +535,13 @@ async fn session_worker(
     let (ctx, mailbox) = (shared.ctx, shared.ledger.mailbox());
     let mut own = shared.independent.then_some(own);
     let mut ahead: Option<Taken> = None;
+    // The last message's record, when the message after it was taken
+    // ahead: made in that message's barrier, and finished here whatever
+    // becomes of it, before the worker takes another or stops.
+    let mut unrecorded: Option<Unrecorded> = None;
     loop {
         if tally_of(&shared.tally).stopped {
+            Unrecorded::finish(unrecorded.take()).await?;
             // A message taken ahead and not delivered lets the rest go.
             if let Some((_, turn, _)) = ahead.take() {
                 turn.pass_on()(Ok(()));
@@ -537,14 +550,18 @@ async fn session_worker(
         }
         let taken = match ahead.take() {
             Some(t) => Some(t),
-            None => next_turn(&shared.queue, &mut own)
-                .await
-                .map(|(item, turn)| prepared(shared, item, turn)),
+            None => {
+                Unrecorded::finish(unrecorded.take()).await?;
+                next_turn(&shared.queue, &mut own)
+                    .await
+                    .map(|(item, turn)| prepared(shared, item, turn))
+            }
         };
         let Some(((f, _permit), turn, this)) = taken else {
             return Ok(());
         };
         if ctx.stopping() || tally_of(&shared.tally).stopped {
+            Unrecorded::finish(unrecorded.take()).await?;
             let mut t = tally_of(&shared.tally);
             if !t.stopped && ctx.stopping() {
                 tracing::info!(mailbox, "stopping: the rest waits for the next start");
@@ -565,10 +582,18 @@ async fn session_worker(
                 prefix: &p.prefix,
                 msg: nf.body().unwrap_or_default(),
             });
+        // This message's record waits for the next one's body only if that
+        // is small ([`RECORD_BEHIND_MAX`]).
+        let record_behind = next.is_some_and(|n| n.prefix.len() + n.msg.len() <= RECORD_BEHIND_MAX);
         // On an error the turn is dropped: the next message's barrier
         // fails and it is not completed either; the other sessions take
         // no new message.
-        let outcome = match deliver_one(shared, deliverer, &f, turn, this, next).await {
+        let delivered =
+            deliver_one(shared, deliverer, &f, turn, this, next, unrecorded.as_ref()).await;
+        // The record before this one, made in this message's barrier or
+        // now: a failure of either is the ledger's, and ends the pass.
+        let before = Unrecorded::finish(unrecorded.take()).await;
+        let (outcome, record) = match before.and(delivered) {
             Ok(o) => o,
             Err(e) => {
                 tally_of(&shared.tally).stopped = true;
@@ -579,16 +604,26 @@ async fn session_worker(
         if let Some(bar) = shared.bar.get() {
             bar.advance(f.body().map_or(0, |b| b.len() as u64));
         }
-        let mut t = tally_of(&shared.tally);
-        if t.count(uid, outcome, ctx.account) {
-            tracing::warn!(
-                mailbox,
-                "{} deliveries in a row deferred by {}; \
-                 stopping this pass, the rest stays on the server",
-                t.consecutive_deferrals,
-                deliverer.target()
-            );
-            t.stopped = true;
+        let stop = {
+            let mut t = tally_of(&shared.tally);
+            let stop = t.count(uid, outcome, ctx.account);
+            if stop {
+                tracing::warn!(
+                    mailbox,
+                    "{} deliveries in a row deferred by {}; \
+                     stopping this pass, the rest stays on the server",
+                    t.consecutive_deferrals,
+                    deliverer.target()
+                );
+                t.stopped = true;
+            }
+            stop
+        };
+        let record = Unrecorded::new(shared, record);
+        if record_behind && !stop {
+            unrecorded = Some(record);
+        } else {
+            Unrecorded::finish(Some(record)).await?;
         }
     }
 }
@@ -698,8 +733,10 @@ fn prepare(shared: &Shared<'_>, f: &Fetch) -> Prepared {
     }
 }
 
-/// Delivers one message, records the outcome, and passes the turn on once
-/// the record is on disk.
+/// Delivers one message; returns its outcome and its record, to be made
+/// by the caller ([`Unrecorded`]). `before`, the previous message's record
+/// when it is not made yet, is made in this message's barrier: once its
+/// body is written, before its final ".".
 async fn deliver_one(
     shared: &Shared<'_>,
     deliverer: &mut Deliverer,
@@ -707,7 +744,8 @@ async fn deliver_one(
     turn: Turn,
     this: Prepared,
     next: Option<Upcoming<'_>>,
-) -> Result<Outcome> {
+    before: Option<&Unrecorded>,
+) -> Result<(Outcome, Record)> {
     let (a, ledger) = (shared.ctx.account, shared.ledger);
     let uid = f.uid.expect("checked by the fetch side");
     // Empty for a message over max_message_size, which is not sent.
@@ -731,8 +769,12 @@ async fn deliver_one(
             "every recipient had already accepted it",
         )
     } else {
+        let barrier = match before {
+            Some(b) => b.in_barrier(turn.prev.clone()),
+            None => turn.prev.clone(),
+        };
         deliverer
-            .deliver(&env, &prefix, body, Some(turn.prev.clone()), next)
+            .deliver(&env, &prefix, body, Some(barrier), next)
             .await
             // Not sent: the previous delivery may not be on disk. Stop.
             .map_err(|e| anyhow::Error::new(e).context(LedgerFailure))?
@@ -753,21 +795,126 @@ async fn deliver_one(
         delivered_to,
         now,
     };
-    let message_id = attempt.message_id.clone();
-    ledger
-        .record_then_sync(attempt, a.durability, turn.pass_on())
-        .await
-        .unwrap_or_else(|_| Err(anyhow!("the ledger task ended").context(LedgerFailure)))
-        .context("recording a delivery in the ledger")?;
-    log_outcome(
-        ledger.mailbox(),
+    let log = Logged {
         uid,
-        body.len(),
-        message_id,
-        &env.sender,
-        &d,
-    );
-    Ok(d.outcome)
+        size: body.len(),
+        message_id: attempt.message_id.clone(),
+        sender: env.sender,
+        delivery: d,
+    };
+    Ok((log.delivery.outcome, Record { attempt, turn, log }))
+}
+
+/// A message's outcome, to be recorded; its turn passes on once the record
+/// is on disk.
+struct Record {
+    attempt: Attempt,
+    turn: Turn,
+    log: Logged,
+}
+
+/// A message's line in the log, written once its outcome is recorded.
+struct Logged {
+    uid: u32,
+    size: usize,
+    message_id: Option<String>,
+    sender: String,
+    delivery: Delivery,
+}
+
+/// A message's record on its way to the ledger. With one delivery session
+/// the next message's body goes out right after this message's reply:
+/// when it is small ([`RECORD_BEHIND_MAX`]), the record is made in that
+/// message's barrier, after its body is written and before its final "."
+/// (which must wait for it), so that the local server takes the body in
+/// while the ledger commits. The crash window stays one
+/// message: the next one cannot be accepted before this row is committed.
+/// With `durability = "message"` the record (commit and fsync, on the
+/// blocking pool) starts at once and only its answer is awaited later.
+#[derive(Clone)]
+struct Unrecorded(std::sync::Arc<std::sync::Mutex<Recording>>);
+
+enum Recording {
+    Waiting(Box<(Epoch, Durability, Record)>),
+    Started {
+        committed: tokio::sync::oneshot::Receiver<Result<()>>,
+        mailbox: String,
+        log: Logged,
+    },
+    Finished,
+}
+
+impl Unrecorded {
+    fn new(shared: &Shared<'_>, record: Record) -> Unrecorded {
+        let durability = shared.ctx.account.durability;
+        let u = Unrecorded(std::sync::Arc::new(std::sync::Mutex::new(
+            Recording::Waiting(Box::new((shared.ledger.clone(), durability, record))),
+        )));
+        if durability == Durability::Message {
+            u.start();
+        }
+        u
+    }
+
+    /// Makes the record, if it is not made yet.
+    fn start(&self) {
+        let mut r = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        *r = match std::mem::replace(&mut *r, Recording::Finished) {
+            Recording::Waiting(w) => {
+                let (ledger, durability, Record { attempt, turn, log }) = *w;
+                Recording::Started {
+                    committed: ledger.record_then_sync(attempt, durability, turn.pass_on()),
+                    mailbox: ledger.mailbox().to_string(),
+                    log,
+                }
+            }
+            other => other,
+        };
+    }
+
+    /// `prev`, with this record made first when it is polled: the barrier
+    /// of the next message, awaited once its body is written.
+    fn in_barrier(&self, prev: Barrier) -> Barrier {
+        let me = self.clone();
+        async move {
+            me.start();
+            prev.await
+        }
+        .boxed()
+        .shared()
+    }
+
+    /// Makes the record if it is not made yet, waits until it is committed,
+    /// and logs the message's outcome. An error is the ledger's.
+    async fn finish(u: Option<Unrecorded>) -> Result<()> {
+        let Some(u) = u else { return Ok(()) };
+        u.start();
+        let started = std::mem::replace(
+            &mut *u.0.lock().unwrap_or_else(|p| p.into_inner()),
+            Recording::Finished,
+        );
+        let Recording::Started {
+            committed,
+            mailbox,
+            log,
+        } = started
+        else {
+            return Ok(());
+        };
+        committed
+            .await
+            .unwrap_or_else(|_| Err(anyhow!("the ledger task ended").context(LedgerFailure)))
+            .context("recording a delivery in the ledger")?;
+        let Logged {
+            uid,
+            size,
+            message_id,
+            sender,
+            delivery,
+        } = log;
+        log_outcome(&mailbox, uid, size, message_id, &sender, &delivery);
+        Ok(())
+    }
 }
 
 /// The envelope of a message: its sender as the account says, and the

@@ -564,6 +564,38 @@ fn parallel_sessions_complete_one_message_at_a_time_in_uid_order() {
     }
 }
 
+/// With one delivery session (the default), a message's record is made
+/// while the next message's body goes out, and still before that
+/// message's final ".": when the local server gets a message's ".", the
+/// ledger holds every message before it, with either durability.
+#[test]
+fn one_session_records_each_message_before_the_next_one_ends() {
+    for durability in ["grouped", "message"] {
+        let smtp = SlowSmtp::start(|n, db, got| {
+            let recorded: i64 = db
+                .query_row(
+                    "SELECT count(*) FROM message WHERE state = 'delivered'",
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            (n, recorded, header_of(got, "Subject: "))
+        });
+        let (case, seen) = smtp.pass(&format!("durability = \"{durability}\"\n"));
+        assert_eq!(seen.len(), 12, "{durability}");
+        for (n, recorded, subject) in seen {
+            assert_eq!(
+                recorded, n as i64,
+                "{durability}: ledger rows when message {n} ended"
+            );
+            assert_eq!(subject, format!("message {n}"), "UID order");
+        }
+        let rows = case.rows();
+        assert_eq!(rows.len(), 12, "{durability}");
+        assert!(rows.iter().all(|r| r.state == "delivered"), "{durability}");
+    }
+}
+
 /// With `independent_sessions`, the sessions accept messages side by side,
 /// and each keeps the promise for its own: when the local server gets a
 /// message's final ".", the ledger holds every message that session
