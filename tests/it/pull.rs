@@ -538,16 +538,7 @@ fn header_of(got: &crate::fake::Got, name: &str) -> String {
 /// waiting for its reply (the duplicate window stays one message).
 #[test]
 fn parallel_sessions_complete_one_message_at_a_time_in_uid_order() {
-    let smtp = SlowSmtp::start(|n, db, got| {
-        let recorded: i64 = db
-            .query_row(
-                "SELECT count(*) FROM message WHERE state = 'delivered'",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
-        (n, recorded, header_of(got, "Subject: "))
-    });
+    let smtp = rows_at_each_end();
     let (_case, seen) = smtp.pass("delivery_sessions = 3\n");
     assert!(
         smtp.fake
@@ -557,10 +548,34 @@ fn parallel_sessions_complete_one_message_at_a_time_in_uid_order() {
         "more than one session was used"
     );
     assert_eq!(smtp.most_waiting(), 1);
-    assert_eq!(seen.len(), 12);
+    each_ended_after_the_ones_before(&seen, "three sessions");
+}
+
+/// A local server that looks, at each message's final ".", how many
+/// messages the ledger has delivered; and the message's subject.
+fn rows_at_each_end() -> SlowSmtp<(usize, i64, String)> {
+    SlowSmtp::start(|n, db, got| {
+        let recorded: i64 = db
+            .query_row(
+                "SELECT count(*) FROM message WHERE state = 'delivered'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        (n, recorded, header_of(got, "Subject: "))
+    })
+}
+
+/// What [`rows_at_each_end`] saw of the 12 messages: each ended in UID
+/// order, with every message before it in the ledger already.
+fn each_ended_after_the_ones_before(seen: &[(usize, i64, String)], what: &str) {
+    assert_eq!(seen.len(), 12, "{what}");
     for (n, recorded, subject) in seen {
-        assert_eq!(recorded, n as i64, "ledger rows when message {n} ended");
-        assert_eq!(subject, format!("message {n}"), "UID order");
+        assert_eq!(
+            *recorded, *n as i64,
+            "{what}: ledger rows when message {n} ended"
+        );
+        assert_eq!(*subject, format!("message {n}"), "{what}: UID order");
     }
 }
 
@@ -571,25 +586,9 @@ fn parallel_sessions_complete_one_message_at_a_time_in_uid_order() {
 #[test]
 fn one_session_records_each_message_before_the_next_one_ends() {
     for durability in ["grouped", "message"] {
-        let smtp = SlowSmtp::start(|n, db, got| {
-            let recorded: i64 = db
-                .query_row(
-                    "SELECT count(*) FROM message WHERE state = 'delivered'",
-                    [],
-                    |r| r.get(0),
-                )
-                .unwrap();
-            (n, recorded, header_of(got, "Subject: "))
-        });
+        let smtp = rows_at_each_end();
         let (case, seen) = smtp.pass(&format!("durability = \"{durability}\"\n"));
-        assert_eq!(seen.len(), 12, "{durability}");
-        for (n, recorded, subject) in seen {
-            assert_eq!(
-                recorded, n as i64,
-                "{durability}: ledger rows when message {n} ended"
-            );
-            assert_eq!(subject, format!("message {n}"), "UID order");
-        }
+        each_ended_after_the_ones_before(&seen, durability);
         let rows = case.rows();
         assert_eq!(rows.len(), 12, "{durability}");
         assert!(rows.iter().all(|r| r.state == "delivered"), "{durability}");
