@@ -838,7 +838,7 @@ enum Recording {
     Waiting(Box<(Epoch, Durability, Record)>),
     Started {
         committed: tokio::sync::oneshot::Receiver<Result<()>>,
-        mailbox: String,
+        ledger: Epoch,
         log: Logged,
     },
     Finished,
@@ -864,7 +864,7 @@ impl Unrecorded {
                 let (ledger, durability, Record { attempt, turn, log }) = *w;
                 Recording::Started {
                     committed: ledger.record_then_sync(attempt, durability, turn.pass_on()),
-                    mailbox: ledger.mailbox().to_string(),
+                    ledger,
                     log,
                 }
             }
@@ -895,7 +895,7 @@ impl Unrecorded {
         );
         let Recording::Started {
             committed,
-            mailbox,
+            ledger,
             log,
         } = started
         else {
@@ -912,7 +912,7 @@ impl Unrecorded {
             sender,
             delivery,
         } = log;
-        log_outcome(&mailbox, uid, size, message_id, &sender, &delivery);
+        log_outcome(ledger.mailbox(), uid, size, message_id, &sender, &delivery);
         Ok(())
     }
 }
