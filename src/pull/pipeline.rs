@@ -823,7 +823,8 @@ struct Logged {
 }
 
 /// A message's record on its way to the ledger. With one delivery session
-/// the next message's body goes out right after this message's reply:
+/// (or independent ones, each for its own messages) the next message's
+/// body goes out right after this message's reply:
 /// when it is small ([`RECORD_BEHIND_MAX`]), the record is made in that
 /// message's barrier, after its body is written and before its final "."
 /// (which must wait for it), so that the local server takes the body in
