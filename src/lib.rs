@@ -213,6 +213,14 @@ pub async fn run_accounts(
     mode: Mode,
 ) -> Result<Vec<AccountResult>> {
     check_accounts(config, only)?;
+    // The TLS contexts are built while the ledger opens and the accounts
+    // connect.
+    imap::tls::prepare(
+        config
+            .accounts
+            .iter()
+            .filter(|a| only.is_empty() || only.contains(&a.name)),
+    );
     let ledger = {
         let path = config.ledger.clone();
         tokio::task::spawn_blocking(move || Ledger::open(&path)).await??

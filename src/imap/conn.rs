@@ -213,9 +213,10 @@ impl Conn {
             } else {
                 self.make_room();
             }
-            // One read fills at most READ_WINDOW: the layers below (TLS)
-            // zero the buffer they are handed, and handing them a whole
-            // 50 MB literal's space on every read would zero it each time.
+            // One read fills at most READ_WINDOW. The layers below read
+            // into the space they are handed without zeroing it first
+            // (tokio-native-tls, used before, zeroed it); a layer that did
+            // would zero a whole 50 MB literal's space on every read.
             let mut window = (&mut self.io).take(READ_WINDOW as u64);
             match window.read_buf(&mut self.buf).await {
                 Ok(0) => {

@@ -94,6 +94,8 @@ pub async fn establish(
 /// TCP (direct or through SOCKS5) with implicit TLS if configured, or the
 /// tunnel command; bounded by silence from here on.
 async fn transport(account: &Account) -> Result<Transport, ConnectError> {
+    // The TLS context is built while the TCP handshake goes on.
+    super::tls::prepare([account]);
     let limit = account.imap_timeout;
     match &account.connect {
         Connect::Tunnel { command, stderr } => {
@@ -623,42 +625,11 @@ async fn connect_tcp(account: &Account, proxy: Option<&Proxy>, peer: &str) -> Re
     Ok(tcp)
 }
 
-/// A TLS client context per CA file, built once per process: building one
-/// loads the system's trust store, which costs tens of milliseconds of CPU,
-/// and a run over twenty accounts would pay it twenty times.
-fn tls_connector(ca_file: Option<&std::path::Path>) -> Result<native_tls::TlsConnector> {
-    use std::collections::HashMap;
-    use std::sync::{Mutex, OnceLock};
-    static CACHE: OnceLock<Mutex<HashMap<Option<std::path::PathBuf>, native_tls::TlsConnector>>> =
-        OnceLock::new();
-    let key = ca_file.map(std::path::Path::to_path_buf);
-    let cache = CACHE.get_or_init(Default::default);
-    if let Some(c) = cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
-        return Ok(c);
-    }
-    let mut builder = native_tls::TlsConnector::builder();
-    if let Some(ca) = ca_file {
-        let pem = std::fs::read(ca).with_context(|| format!("reading ca_file {}", ca.display()))?;
-        let certs = native_tls::Certificate::stack_from_pem(&pem)
-            .with_context(|| format!("parsing ca_file {}", ca.display()))?;
-        for cert in certs {
-            builder.add_root_certificate(cert);
-        }
-    }
-    let connector = builder.build().context("setting up TLS")?;
-    if let Ok(mut c) = cache.lock() {
-        c.insert(key, connector.clone());
-    }
-    Ok(connector)
-}
-
 /// Bytes read from the socket at once below TLS.
 const TLS_READ_BUFFER: usize = 64 * 1024;
 
 async fn tls_wrap(account: &Account, stream: BoxIo) -> Result<BoxIo> {
     let peer = format!("{}:{}", account.host, account.port);
-    let connector =
-        tokio_native_tls::TlsConnector::from(tls_connector(account.ca_file.as_deref())?);
     let host = account.host.trim_start_matches('[').trim_end_matches(']');
     // OpenSSL reads a record's 5-byte header and then its body, two reads
     // per record; a buffer below it turns those into one large read per
@@ -666,13 +637,11 @@ async fn tls_wrap(account: &Account, stream: BoxIo) -> Result<BoxIo> {
     // The buffer is held only while it holds bytes: idle connections keep
     // none.
     let stream = crate::net::ReadAhead::new(TLS_READ_BUFFER, stream);
-    let tls = timed(&peer, account.imap_timeout, connector.connect(host, stream))
-        .await
-        .with_context(|| format!("TLS handshake with {peer}"))?;
+    let tls = super::tls::handshake(account, host, &peer, stream).await?;
     if let Some(pin) = &account.tls_pin_sha256 {
         let cert = tls
-            .get_ref()
-            .peer_certificate()?
+            .ssl()
+            .peer_certificate()
             .ok_or_else(|| anyhow!("{peer} sent no certificate"))?;
         let got = spki_sha256(&cert.to_der()?)?;
         if &got != pin {

@@ -13,6 +13,7 @@ pub mod compress;
 pub mod conn;
 pub mod connect;
 pub mod response;
+pub mod tls;
 pub mod utf7;
 
 #[cfg(test)]

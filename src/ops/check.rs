@@ -172,7 +172,7 @@ fn connect_hint(a: &Account, e: &ConnectError) -> (i32, String) {
         ),
         ConnectError::Unavailable(inner) => {
             let io = exit::find::<std::io::Error>(inner).map(std::io::Error::kind);
-            let tls = exit::find::<native_tls::Error>(inner).is_some();
+            let tls = exit::find::<crate::imap::tls::HandshakeFailed>(inner).is_some();
             let hint = match io {
                 _ if tls => "the TLS handshake failed: for a private CA set `ca_file`, or pin \
                              the server's key with `tls_pin_sha256`; check that `tls` matches \

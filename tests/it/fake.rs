@@ -857,7 +857,11 @@ fn busy_session(
 
 /// A SOCKS5 proxy (RFC 1928) for tests: CONNECT only, to loopback only
 /// ("localhost", 127.0.0.1 or ::1; IPv4, IPv6 and name requests), with user/password (RFC 1929) if `auth` is
-/// set. Records the targets it was asked for.
+/// set. Records the targets it was asked for. The name [`ELSEWHERE`] leads
+/// to 127.0.0.1 too: a server whose certificate is for another name.
+/// A name that only [`FakeSocks`] resolves, to 127.0.0.1.
+pub const ELSEWHERE: &str = "imap.elsewhere.test";
+
 pub struct FakeSocks {
     pub port: u16,
     pub targets: Arc<Mutex<Vec<String>>>,
@@ -947,6 +951,7 @@ fn socks_session(
     // Loopback only: this proxy never reaches beyond the machine.
     let up = match host.as_str() {
         "localhost" | "127.0.0.1" | "::1" => TcpStream::connect((host.as_str(), port)),
+        ELSEWHERE => TcpStream::connect(("127.0.0.1", port)),
         _ => {
             s.write_all(&[5, 2, 0, 1, 0, 0, 0, 0, 0, 0])?;
             return Ok(());

@@ -4,7 +4,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use crate::fake::{fake_message, FakeImap, FakeSmtp, ImapFault};
+use crate::fake::{fake_message, FakeImap, FakeSmtp, FakeSocks, ImapFault, ELSEWHERE};
 use crate::harness::*;
 
 fn edit(case: &Case, f: impl Fn(&str) -> String) {
@@ -83,6 +83,120 @@ fn tls_pin_is_checked() {
         "{}",
         stderr(&out)
     );
+}
+
+/// The account's config without its `ca_file`, or with another one.
+fn set_ca_file(case: &Case, ca: Option<&std::path::Path>) {
+    let line = ca.map(|p| format!("ca_file = {p:?}"));
+    edit(case, |t| {
+        t.lines()
+            .filter_map(|l| match l.starts_with("ca_file") {
+                true => line.clone(),
+                false => Some(l.to_string()),
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
+}
+
+/// A CA of its own, which signed nothing the servers here present.
+fn other_ca(dir: &std::path::Path) -> std::path::PathBuf {
+    let (cert, key) = (dir.join("other-ca.pem"), dir.join("other-ca.key"));
+    let ok = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+        .args(["ec_paramgen_curve:P-256", "-nodes", "-days", "1"])
+        .args(["-subj", "/CN=another CA"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "openssl req failed");
+    cert
+}
+
+/// Without `ca_file` the system's roots are trusted: OpenSSL's default
+/// file, which SSL_CERT_FILE names here, so that the test CA stands in for
+/// the system's.
+#[test]
+fn system_roots_are_trusted_without_ca_file() {
+    let rcpt = new_recipient();
+    let case = Case::new(&smtp(), &[&rcpt], "");
+    set_ca_file(&case, None);
+    drop_message(&case.user, 0, &message(0, "bob@remote.test", "x"), false);
+    let system = [("SSL_CERT_FILE", env().ca_file.as_path())];
+    assert_exit(&imapull_env(&case.config, &["run"], &system), 0);
+    assert_eq!(wait_delivered(&rcpt, 1).len(), 1);
+}
+
+/// `ca_file` replaces the system's roots, as documented: a server the
+/// system trusts is refused when its chain does not lead to `ca_file`.
+/// A `ca_file` without a certificate is named as such.
+#[test]
+fn ca_file_replaces_the_system_roots() {
+    let case = Case::new(&smtp(), &["x@example.test"], "");
+    drop_message(&case.user, 0, &message(0, "bob@remote.test", "x"), false);
+    let other = other_ca(&case.dir);
+    set_ca_file(&case, Some(&other));
+    let system = [("SSL_CERT_FILE", env().ca_file.as_path())];
+    let out = imapull_env(&case.config, &["run"], &system);
+    assert_exit(&out, 69);
+    let err = stderr(&out);
+    assert!(err.contains("TLS handshake"), "{err}");
+    assert!(err.contains("certificate verify failed"), "{err}");
+    assert!(
+        err.contains("unable to get local issuer certificate"),
+        "{err}"
+    );
+    assert_eq!(case.state_of(1), "none", "nothing was fetched");
+
+    std::fs::write(&other, "").unwrap();
+    let out = imapull_env(&case.config, &["run"], &system);
+    assert_exit(&out, 69);
+    assert!(
+        stderr(&out).contains("holds no PEM certificate"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// The certificate is checked against `host`: a name, through a proxy that
+/// leads it to the test Dovecot, whose certificate is for localhost and
+/// 127.0.0.1 only; and an address, which the certificate names.
+#[test]
+fn certificate_is_checked_against_the_host() {
+    let proxy = FakeSocks::start(None);
+    let case = Case::new(&smtp(), &["x@example.test"], "");
+    edit(&case, |t| {
+        t.replace(
+            "host = \"localhost\"",
+            &format!(
+                "host = {ELSEWHERE:?}\nproxy = \"socks5h://127.0.0.1:{}\"",
+                proxy.port
+            ),
+        )
+    });
+    let out = case.run(&["run"]);
+    assert_exit(&out, 69);
+    let err = stderr(&out);
+    assert!(err.contains("certificate verify failed"), "{err}");
+    assert!(err.contains("hostname mismatch"), "{err}");
+    assert_eq!(
+        proxy.targets.lock().unwrap()[0],
+        format!("{ELSEWHERE}:{}", env().imaps_port)
+    );
+
+    let rcpt = new_recipient();
+    let case = Case::new(&smtp(), &[&rcpt], "");
+    edit(&case, |t| {
+        t.replace("host = \"localhost\"", "host = \"127.0.0.1\"")
+    });
+    drop_message(&case.user, 0, &message(0, "bob@remote.test", "x"), false);
+    assert_exit(&case.run(&["run"]), 0);
+    assert_eq!(wait_delivered(&rcpt, 1).len(), 1);
 }
 
 #[test]

@@ -519,6 +519,13 @@ pub fn imapull(config: &Path, args: &[&str]) -> Output {
     run_imapull(Command::new(env!("CARGO_BIN_EXE_imapull")), config, args)
 }
 
+/// Runs imapull with these environment variables set.
+pub fn imapull_env(config: &Path, args: &[&str], vars: &[(&str, &Path)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_imapull"));
+    cmd.envs(vars.iter().copied());
+    run_imapull(cmd, config, args)
+}
+
 /// Runs `cmd` (imapull, or a wrapper whose last argument is imapull) on
 /// `config` with `args`, colourless and with the user's log level unset.
 fn run_imapull(mut cmd: Command, config: &Path, args: &[&str]) -> Output {
