@@ -26,7 +26,9 @@
 #   bench/run.sh link [RTT MBIT N]    a slow link (default 40 ms, 50 Mbit/s,
 #                                     1000 messages): first pull with and
 #                                     without COMPRESS, nothing new and its
-#                                     round trips, 20 accounts, bytes;
+#                                     round trips, 20 accounts (against
+#                                     Dovecot's default and its shared
+#                                     login processes), bytes;
 #                                     SHAPE_TIMELINE=DIR also writes each
 #                                     connection's flights and the link's
 #                                     idle times to DIR
@@ -546,19 +548,50 @@ link() {
 }
 
 # Twenty accounts of five messages each, pulled once, then timed with
-# nothing new, against one account alone (same link).
+# nothing new, against one account alone (same link): against Dovecot's
+# default login processes (one imap-login process per connection, started
+# for it), then again against shared ones (Dovecot's "high-performance
+# mode": service_count = 0, two processes kept ready), which spare the
+# server most of its CPU per login. Dovecot's own CPU is printed with each:
+# on two cores the server's work per login bounds twenty logins at once.
 accounts_over_link() {
     local names=(u{0..19})
     twenty_users
+    over_link_rows 1 20
+    dovecot_login_processes shared
+    echo "  -- Dovecot's login processes shared (service_count = 0, process_min_avail = 2):"
+    over_link_rows 1 20
+    dovecot_login_processes default
+}
+
+# Dovecot's imap-login service: "default" (a process per connection) or
+# "shared" (processes that serve many connections), applied by a reload.
+dovecot_login_processes() {
+    local conf=$DOVECOT_CONF
+    sed -i '/^  service_count = 0$/d; /^  process_min_avail = 2$/d' "$conf"
+    if [[ $1 == shared ]]; then
+        sed -i 's/^service imap-login {$/service imap-login {\n  service_count = 0\n  process_min_avail = 2/' "$conf"
+    fi
+    doveadm -c "$DOVECOT_CONF" reload
+    # The old login processes end, the new ones start.
+    sleep 1
+}
+
+# The CPU seconds Dovecot's processes have used so far (the master's and
+# its reaped children's).
+dovecot_cpu() {
+    awk -v t="$(getconf CLK_TCK)" '{printf "%.2f\n", ($14 + $15 + $16 + $17) / t}' \
+        "/proc/$(cat "$work/dovecot/run/master.pid")/stat"
+}
+
+over_link_rows() {
     local count
-    for count in 1 20 20p; do
+    for count in "$@"; do
         {
             echo "ledger = \"$work/link-$count.sqlite3\""
-            # 20p: all twenty at once.
-            [[ $count == 20p ]] && echo "parallel_accounts = 20"
             account_defaults
             echo "initial = \"all\""
-            for u in "${names[@]:0:${count%p}}"; do
+            for u in "${names[@]:0:$count}"; do
                 printf '[accounts.%s]\nusername = "%s"\n' "$u" "$u"
             done
         } > "$work/link-$count.toml"
@@ -566,10 +599,16 @@ accounts_over_link() {
         rm -f "$work"/link-"$count".sqlite3*
         "$imapull" --config "$work/link-$count.toml" -q run
         : > "$work/link-$count.times"
+        local cpu0 cpu1
+        sleep 0.5
+        cpu0=$(dovecot_cpu)
         for _ in 1 2 3 4 5; do
             /usr/bin/time -f "%e" -a -o "$work/link-$count.times" "$imapull" --config "$work/link-$count.toml" -q run
         done
-        echo "  $count account(s)$([[ $count == 20p ]] && echo ", parallel_accounts = 20"), nothing new: $(sort -n "$work/link-$count.times" | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}') s (median of 5)"
+        # The sessions' processes end after imapull's LOGOUT.
+        sleep 0.5
+        cpu1=$(dovecot_cpu)
+        echo "  $count account(s), nothing new: $(sort -n "$work/link-$count.times" | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}') s (median of 5); Dovecot's CPU $(awk -v a="$cpu0" -v b="$cpu1" 'BEGIN {printf "%.2f", (b - a) / 5}') s a run"
     done
 }
 
