@@ -27,7 +27,7 @@ use openssl::ssl::{
     Ssl, SslContext, SslContextBuilder, SslMethod, SslMode, SslOptions, SslVerifyMode,
 };
 use openssl::x509::store::X509StoreBuilder;
-use openssl::x509::verify::X509CheckFlags;
+use openssl::x509::verify::{X509CheckFlags, X509VerifyFlags};
 use openssl::x509::{X509VerifyResult, X509};
 
 use crate::config::{Account, TlsMode};
@@ -147,6 +147,13 @@ fn build(ca_file: Option<&Path>) -> Result<SslContext> {
                 ));
             }
             let mut store = X509StoreBuilder::new().context("setting up TLS")?;
+            // Every certificate of the file is an anchor, as in curl: the
+            // server's own certificate, or an intermediate CA's, may be
+            // given without the root above it. (Before, the system's roots
+            // stood behind the file and could complete such a chain.)
+            store
+                .set_flags(X509VerifyFlags::PARTIAL_CHAIN)
+                .context("setting up TLS")?;
             for cert in certs {
                 store
                     .add_cert(cert)

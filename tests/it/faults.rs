@@ -134,10 +134,12 @@ fn system_roots_are_trusted_without_ca_file() {
 
 /// `ca_file` replaces the system's roots, as documented: a server the
 /// system trusts is refused when its chain does not lead to `ca_file`.
-/// A `ca_file` without a certificate is named as such.
+/// A `ca_file` without a certificate is named as such, and one with the
+/// server's own certificate is enough.
 #[test]
 fn ca_file_replaces_the_system_roots() {
-    let case = Case::new(&smtp(), &["x@example.test"], "");
+    let rcpt = new_recipient();
+    let case = Case::new(&smtp(), &[&rcpt], "");
     drop_message(&case.user, 0, &message(0, "bob@remote.test", "x"), false);
     let other = other_ca(&case.dir);
     set_ca_file(&case, Some(&other));
@@ -161,6 +163,12 @@ fn ca_file_replaces_the_system_roots() {
         "{}",
         stderr(&out)
     );
+
+    // The server's own certificate, which the test CA issued, is enough:
+    // every certificate of the file is an anchor.
+    set_ca_file(&case, Some(&env().dir.join("certs/server.pem")));
+    assert_exit(&case.run(&["run"]), 0);
+    assert_eq!(wait_delivered(&rcpt, 1).len(), 1);
 }
 
 /// The certificate is checked against `host`: a name, through a proxy that
