@@ -41,12 +41,7 @@ fn password_never_printed_even_at_trace() {
 #[test]
 fn untrusted_certificate_is_refused() {
     let case = Case::new(&smtp(), &["x@example.test"], "");
-    edit(&case, |t| {
-        t.lines()
-            .filter(|l| !l.starts_with("ca_file"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    });
+    set_ca_file(&case, None);
     let out = case.run(&["run"]);
     assert_exit(&out, 69);
     assert!(stderr(&out).contains("TLS handshake"), "{}", stderr(&out));
