@@ -213,24 +213,19 @@ pub async fn run_accounts(
     mode: Mode,
 ) -> Result<Vec<AccountResult>> {
     check_accounts(config, only)?;
-    // The TLS contexts are built while the ledger opens and the accounts
-    // connect.
-    imap::tls::prepare(
-        config
-            .accounts
-            .iter()
-            .filter(|a| only.is_empty() || only.contains(&a.name)),
-    );
-    let ledger = {
-        let path = config.ledger.clone();
-        tokio::task::spawn_blocking(move || Ledger::open(&path)).await??
-    };
-    let ledger = LedgerHandle::new(ledger);
     let accounts: Vec<&Account> = config
         .accounts
         .iter()
         .filter(|a| only.is_empty() || only.contains(&a.name))
         .collect();
+    // The TLS contexts are built while the ledger opens and the accounts
+    // connect.
+    imap::tls::prepare(accounts.iter().copied());
+    let ledger = {
+        let path = config.ledger.clone();
+        tokio::task::spawn_blocking(move || Ledger::open(&path)).await??
+    };
+    let ledger = LedgerHandle::new(ledger);
     let gate = Arc::new(tokio::sync::Semaphore::new(config.parallel_accounts));
     let runs = accounts.into_iter().map(|a| {
         let gate = gate.clone();

@@ -79,8 +79,11 @@ fn cell(ca_file: Option<&Path>) -> Cell {
 
 /// `ca_file`'s context, built on the blocking pool if nobody has yet.
 async fn context(ca_file: Option<&Path>) -> Result<SslContext> {
-    let cell = cell(ca_file);
-    let ca_file = ca_file.map(Path::to_path_buf);
+    built(cell(ca_file), ca_file.map(Path::to_path_buf)).await
+}
+
+/// The context of `cell`, built from `ca_file` if nobody has yet.
+async fn built(cell: Cell, ca_file: Option<PathBuf>) -> Result<SslContext> {
     cell.get_or_try_init(|| async move {
         tokio::task::spawn_blocking(move || build(ca_file.as_deref()))
             .await
@@ -102,13 +105,10 @@ pub fn prepare<'a>(accounts: impl IntoIterator<Item = &'a Account>) {
     wanted.sort();
     wanted.dedup();
     for ca_file in wanted {
-        if cell(ca_file).initialized() {
-            continue;
+        let cell = cell(ca_file);
+        if !cell.initialized() {
+            tokio::spawn(built(cell, ca_file.map(Path::to_path_buf)));
         }
-        let ca_file = ca_file.map(Path::to_path_buf);
-        tokio::spawn(async move {
-            let _ = context(ca_file.as_deref()).await;
-        });
     }
 }
 
